@@ -1,0 +1,191 @@
+"""The database: one engine per process, one session per request, in sync or async mode."""
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
+from typing import Annotated, Any
+from uuid import uuid4
+
+import anyio
+from fastapi import Depends
+from sqlalchemy import Connection, DateTime, Engine, event, make_url, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.config import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the database cannot be reached right now" rather than "this request is wrong".
+DATABASE_DOWN_ERRORS = (PoolTimeoutError, OSError, TimeoutError)
+
+
+def database_url(raw_url: str) -> URL:
+    url = make_url(raw_url)
+    # A plain postgresql:// URL means psycopg 3 here, not SQLAlchemy's default psycopg2.
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def is_in_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def engine_options(url: URL, settings: Settings) -> dict[str, Any]:
+    """Pool and driver options for this URL; the same settings serve the sync and the async driver."""
+    options: dict[str, Any] = {"echo": settings.database_echo}
+    if is_in_memory(url):
+        # Each new connection to ":memory:" would be a new, empty database: share exactly one.
+        return options | {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+    options |= {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
+        "pool_timeout": settings.db_pool_timeout,
+    }
+    if url.get_backend_name() == "sqlite":
+        return options | {"connect_args": {"check_same_thread": False}}
+    # A pooled connection may have died (database restart, network cut): test it before each use.
+    options["pool_pre_ping"] = True
+    if url.get_driver_name() == "asyncpg":
+        connect_args: dict[str, Any] = {"timeout": settings.db_connect_timeout}
+        if not settings.db_prepared_statements:
+            # PgBouncer hands each transaction a different server connection, where a named statement
+            # does not exist: cache nothing, and name every statement uniquely.
+            connect_args |= {
+                "statement_cache_size": 0,
+                "prepared_statement_cache_size": 0,
+                "prepared_statement_name_func": lambda: f"__asyncpg_{uuid4()}__",
+            }
+    else:
+        connect_args = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
+        if not settings.db_prepared_statements:
+            connect_args["prepare_threshold"] = None
+    return options | {"connect_args": connect_args}
+
+
+def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    """Run on every new SQLite connection (the settings below last only as long as the connection)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={int(get_settings().sqlite_busy_timeout_ms)}")
+    cursor.close()
+
+
+def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
+    """The driver in DATABASE_URL chooses the mode: +asyncpg and +aiosqlite give an async engine."""
+    url = database_url(settings.database_url)
+    options = engine_options(url, settings)
+    if url.get_dialect().is_async:
+        async_engine = create_async_engine(url, **options)
+        sync_engine = async_engine.sync_engine
+    else:
+        async_engine = None
+        sync_engine = create_engine(url, **options)
+    if url.get_backend_name() == "sqlite":
+        # The async driver runs on a sync one underneath, so one listener serves both modes.
+        event.listen(sync_engine, "connect", configure_sqlite)
+    return async_engine or sync_engine
+
+
+def max_connections(engine: Engine | AsyncEngine) -> int:
+    pool = engine.pool
+    if isinstance(pool, StaticPool):
+        return 1
+    return pool.size() + pool._max_overflow  # type: ignore[attr-defined]
+
+
+engine = create_db_engine(get_settings())
+IS_ASYNC = isinstance(engine, AsyncEngine)
+
+# In sync mode a request keeps its pooled connection while it waits for a worker thread (to run the
+# route, then to validate the response). Were every thread waiting for a connection, none could be
+# freed: a deadlock. So a request first takes one of as many slots as the pool has connections, waiting
+# in the event loop, not in a thread: then no thread ever waits for a connection.
+connection_slots = anyio.Semaphore(max_connections(engine))
+
+
+async def wait_for_connection_slot() -> AsyncIterator[None]:
+    async with connection_slots:
+        yield
+
+
+def get_session(_slot: Annotated[None, Depends(wait_for_connection_slot)]) -> Iterator[Session]:
+    """One session per request; closing it rolls back anything uncommitted and returns the connection."""
+    # expire_on_commit=False: after commit the objects keep their values, so returning one to the
+    # client needs no second SELECT (in async mode such a hidden load would fail: MissingGreenlet).
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+async def get_async_session() -> AsyncIterator[AsyncSession]:
+    """The async twin of get_session: one AsyncSession per request, closed when the request ends."""
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_session)]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every database (SQLite stores datetimes without an offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def create_tables(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Several workers may start at once: one creates the tables while the others wait here.
+        connection.execute(text("SELECT pg_advisory_xact_lock(20261125)"))
+    SQLModel.metadata.create_all(connection)
+
+
+async def create_db_and_tables() -> None:
+    if isinstance(engine, AsyncEngine):
+        async with engine.begin() as connection:
+            await connection.run_sync(create_tables)
+    else:
+        with engine.begin() as connection:
+            create_tables(connection)
+
+
+async def dispose_engine() -> None:
+    if isinstance(engine, AsyncEngine):
+        await engine.dispose()
+    else:
+        engine.dispose()
+
+
+def select_one() -> None:
+    with engine.connect() as connection:  # type: ignore[union-attr]
+        connection.execute(text("SELECT 1"))
+
+
+async def database_is_up() -> bool:
+    """Run SELECT 1 on a pooled connection; False (and a log line) when the database cannot answer."""
+    try:
+        if isinstance(engine, AsyncEngine):
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        else:
+            async with connection_slots:
+                await anyio.to_thread.run_sync(select_one)
+    except (DBAPIError, *DATABASE_DOWN_ERRORS) as exc:
+        logger.warning("Database check failed: %s", type(exc).__name__)
+        return False
+    return True

@@ -1,0 +1,56 @@
+"""Exception handlers: every error is JSON with a `detail`, and no traceback or SQL text reaches a client."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+
+from core.db import DATABASE_DOWN_ERRORS
+
+logger = logging.getLogger(__name__)
+
+DATABASE_UNAVAILABLE = "Database unavailable"
+
+# For the OpenAPI schema: the error every database-backed route can answer with.
+UNAVAILABLE_RESPONSE = {
+    503: {
+        "description": "The database cannot be reached; retry later.",
+        "content": {"application/json": {"example": {"detail": DATABASE_UNAVAILABLE}}},
+    }
+}
+
+
+def error(status_code: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code)
+
+
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    """Map a database error to a status code; the log gets the error's type, the client a plain detail."""
+    if isinstance(exc, DATABASE_DOWN_ERRORS) or (
+        isinstance(exc, DBAPIError) and (exc.connection_invalidated or is_disconnect(exc))
+    ):
+        logger.warning("%s %s: database unavailable (%s)", request.method, request.url.path, type(exc).__name__)
+        return error(503, DATABASE_UNAVAILABLE)
+    if isinstance(exc, IntegrityError):
+        return error(409, "The request conflicts with existing data")
+    if isinstance(exc, DataError):
+        return error(422, "A value was rejected by the database")
+    logger.exception("%s %s: database error", request.method, request.url.path)
+    return error(500, "Internal Server Error")
+
+
+def is_disconnect(exc: DBAPIError) -> bool:
+    # OperationalError and InterfaceError are how the drivers report a refused or lost connection.
+    return type(exc).__name__ in ("OperationalError", "InterfaceError")
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("%s %s: unexpected error", request.method, request.url.path)
+    return error(500, "Internal Server Error")
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    for error_type in (SQLAlchemyError, *DATABASE_DOWN_ERRORS):
+        app.add_exception_handler(error_type, database_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,244 @@
+"""The items feature: its models, its statements and its routes, in sync and async mode."""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi.routing import APIRoute
+from pydantic import Field as Rules
+from sqlalchemy import UniqueConstraint
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, SQLModel, func, select
+
+from core.db import AsyncSessionDep, SessionDep, UTCDateTime
+from core.errors import UNAVAILABLE_RESPONSE
+
+# No NUL characters: PostgreSQL cannot store them, and the API must behave the same on every database.
+NO_NUL = r"^[^\x00]*$"
+
+# The rules for each client field, declared once for ItemBase (POST, PUT) and ItemUpdate (PATCH).
+Title = Annotated[
+    str,
+    Rules(
+        min_length=1,
+        max_length=100,
+        pattern=NO_NUL,
+        description="1 to 100 characters, unique among all items.",
+        examples=["Buy milk"],
+    ),
+]
+Description = Annotated[
+    str | None,
+    Rules(max_length=1000, pattern=NO_NUL, description="Up to 1000 characters, or null.", examples=["Two litres"]),
+]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ItemBase(SQLModel):
+    """The fields a client sends: the body of POST and PUT."""
+
+    title: Title
+    description: Description = None
+
+
+class ItemUpdate(SQLModel):
+    """The body of PATCH: every field optional, and only the fields sent are changed."""
+
+    # The type stays `str`, so `"title": null` is a 422; leaving title out keeps the current one.
+    title: Title = None  # type: ignore[assignment]
+    description: Description = None
+
+
+class Item(ItemBase, table=True):
+    """An item as stored, and as returned to the client."""
+
+    # A named constraint, so a violation can be told apart from any other; and on SQLite, AUTOINCREMENT
+    # so the id of a deleted item is never given to a new one (PostgreSQL's sequences never reuse ids).
+    __table_args__ = (UniqueConstraint("title", name="uq_item_title"), {"sqlite_autoincrement": True})
+    # Every field appears in every response, so the response schema marks them all as required.
+    model_config = {"json_schema_serialization_defaults_required": True}  # type: ignore[assignment]
+
+    id: int | None = Field(default=None, primary_key=True, description="Assigned by the server.")
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime, description="UTC, set by the server.")
+    updated_at: datetime = Field(
+        default_factory=utc_now, sa_type=UTCDateTime, description="UTC, changes on every update."
+    )
+
+
+# --- What both modes share: statements, checks and the mapping of errors to status codes ---
+
+NOT_FOUND = "Item not found"
+TITLE_TAKEN = "An item with this title already exists"
+
+count_items = select(func.count()).select_from(Item)
+
+
+def page_of_items(skip: int, limit: int):  # type: ignore[no-untyped-def]
+    return select(Item).order_by(Item.id).offset(skip).limit(limit)
+
+
+def found(item: Item | None) -> Item:
+    if item is None:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=NOT_FOUND)
+    return item
+
+
+def apply_changes(item: Item, changes: dict[str, Any]) -> None:
+    item.sqlmodel_update(changes)
+    item.updated_at = utc_now()
+
+
+@contextmanager
+def unique_title() -> Iterator[None]:
+    """Turn the database's unique-title violation into a 409, even when two requests race."""
+    try:
+        yield
+    except IntegrityError as exc:
+        if "title" not in str(exc.orig):
+            raise
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=TITLE_TAKEN) from exc
+
+
+def example(description: str, detail: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"example": {"detail": detail}}}}
+
+
+ITEM_NOT_FOUND = {404: example("No item has this id.", NOT_FOUND)}
+TITLE_CONFLICT = {409: example("Another item already has this title.", TITLE_TAKEN)}
+
+PageSkip = Annotated[int, Query(ge=0, description="How many items to skip.")]
+PageLimit = Annotated[int, Query(ge=1, le=100, description="How many items to return, at most 100.")]
+
+# --- Sync mode (the default): `def` routes run in a worker thread with a `Session` ---
+
+router = APIRouter(prefix="/items", tags=["items"], responses=UNAVAILABLE_RESPONSE)
+
+
+@router.post("/", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=TITLE_CONFLICT)
+def create_item(item_in: ItemBase, session: SessionDep, response: Response) -> Item:
+    """Create an item; the server assigns its id and timestamps and answers with its Location."""
+    item = Item.model_validate(item_in)
+    session.add(item)
+    with unique_title():
+        session.commit()
+    response.headers["Location"] = f"/items/{item.id}"
+    return item
+
+
+@router.get("/", summary="List items")
+def list_items(session: SessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100) -> list[Item]:
+    """List items ordered by id, one page at a time; the X-Total-Count header gives the number of all items."""
+    response.headers["X-Total-Count"] = str(session.exec(count_items).one())
+    return list(session.exec(page_of_items(skip, limit)))
+
+
+@router.get("/{item_id}", summary="Read an item", responses=ITEM_NOT_FOUND)
+def read_item(item_id: int, session: SessionDep) -> Item:
+    """Return the item with this id."""
+    return found(session.get(Item, item_id))
+
+
+@router.put("/{item_id}", summary="Replace an item", responses=ITEM_NOT_FOUND | TITLE_CONFLICT)
+def replace_item(item_id: int, item_in: ItemBase, session: SessionDep) -> Item:
+    """Replace every client field of the item; a description left out becomes null."""
+    item = found(session.get(Item, item_id))
+    apply_changes(item, item_in.model_dump())
+    with unique_title():
+        session.commit()
+    return item
+
+
+@router.patch("/{item_id}", summary="Update an item", responses=ITEM_NOT_FOUND | TITLE_CONFLICT)
+def update_item(item_id: int, changes: ItemUpdate, session: SessionDep) -> Item:
+    """Change only the fields sent; `"description": null` clears the description."""
+    item = found(session.get(Item, item_id))
+    apply_changes(item, changes.model_dump(exclude_unset=True))
+    with unique_title():
+        session.commit()
+    return item
+
+
+@router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an item", responses=ITEM_NOT_FOUND)
+def delete_item(item_id: int, session: SessionDep) -> None:
+    """Delete the item with this id."""
+    session.delete(found(session.get(Item, item_id)))
+    session.commit()
+
+
+# --- Async mode: the same routes as `async def` with an `AsyncSession`; only the I/O differs ---
+
+async_router = APIRouter()
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def same_route_as(sync_endpoint: Callable[..., Any]) -> Callable[[Endpoint], Endpoint]:
+    """Register an async route with the path, status, docs and error responses of its sync twin."""
+    twin = next(route for route in router.routes if isinstance(route, APIRoute) and route.endpoint is sync_endpoint)
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        async_router.add_api_route(
+            twin.path,
+            endpoint,
+            methods=list(twin.methods),
+            status_code=twin.status_code,
+            tags=twin.tags,
+            summary=twin.summary,
+            description=twin.description,
+            responses=twin.responses,
+            name=twin.name,
+        )
+        return endpoint
+
+    return register
+
+
+@same_route_as(create_item)
+async def create_item_async(item_in: ItemBase, session: AsyncSessionDep, response: Response) -> Item:
+    item = Item.model_validate(item_in)
+    session.add(item)
+    with unique_title():
+        await session.commit()
+    response.headers["Location"] = f"/items/{item.id}"
+    return item
+
+
+@same_route_as(list_items)
+async def list_items_async(
+    session: AsyncSessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100
+) -> list[Item]:
+    response.headers["X-Total-Count"] = str((await session.exec(count_items)).one())
+    return list(await session.exec(page_of_items(skip, limit)))
+
+
+@same_route_as(read_item)
+async def read_item_async(item_id: int, session: AsyncSessionDep) -> Item:
+    return found(await session.get(Item, item_id))
+
+
+@same_route_as(replace_item)
+async def replace_item_async(item_id: int, item_in: ItemBase, session: AsyncSessionDep) -> Item:
+    item = found(await session.get(Item, item_id))
+    apply_changes(item, item_in.model_dump())
+    with unique_title():
+        await session.commit()
+    return item
+
+
+@same_route_as(update_item)
+async def update_item_async(item_id: int, changes: ItemUpdate, session: AsyncSessionDep) -> Item:
+    item = found(await session.get(Item, item_id))
+    apply_changes(item, changes.model_dump(exclude_unset=True))
+    with unique_title():
+        await session.commit()
+    return item
+
+
+@same_route_as(delete_item)
+async def delete_item_async(item_id: int, session: AsyncSessionDep) -> None:
+    await session.delete(found(await session.get(Item, item_id)))
+    await session.commit()

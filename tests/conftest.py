@@ -1,0 +1,177 @@
+"""Fixtures: every test gets a fresh database and an app whose sessions use it.
+
+The endpoint tests run in every mode: sync and async, on in-memory SQLite always, and on PostgreSQL when
+TEST_DATABASE_URL is set (each test then gets a database of its own, dropped afterwards).
+"""
+
+import os
+
+# The app's own engine must never touch a real database or create a file during tests: every test
+# swaps in its own database through app.dependency_overrides.
+os.environ["DATABASE_URL"] = "sqlite://"
+
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from uuid import uuid4  # noqa: E402
+
+import psycopg  # noqa: E402
+import pytest  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from sqlalchemy import Engine, event, make_url, text  # noqa: E402
+from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
+from sqlmodel import Session, SQLModel  # noqa: E402
+from sqlmodel.ext.asyncio.session import AsyncSession  # noqa: E402
+
+from core.config import Settings  # noqa: E402
+from core.db import create_db_engine, get_async_session, get_session  # noqa: E402
+from main import create_app  # noqa: E402
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+
+DRIVERS = {
+    ("sync", "sqlite"): "sqlite",
+    ("async", "sqlite"): "sqlite+aiosqlite",
+    ("sync", "postgresql"): "postgresql+psycopg",
+    ("async", "postgresql"): "postgresql+asyncpg",
+}
+BACKENDS = ["sqlite", "postgresql"] if TEST_DATABASE_URL else ["sqlite"]
+MODES = [(mode, backend) for backend in BACKENDS for mode in ("sync", "async")]
+
+
+def pytest_report_header() -> str:
+    where = "in-memory SQLite and PostgreSQL" if TEST_DATABASE_URL else "in-memory SQLite only (no TEST_DATABASE_URL)"
+    return f"databases: {where}"
+
+
+@dataclass
+class Database:
+    """A fresh database for one test: its URL (with the driver of the mode) and how to drop it."""
+
+    mode: str
+    backend: str
+    url: str
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
+
+
+def admin_connection() -> psycopg.Connection:
+    url = make_url(TEST_DATABASE_URL).set(drivername="postgresql")
+    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+
+
+@contextmanager
+def new_database(mode: str, backend: str) -> Iterator[Database]:
+    """A new, empty database: in-memory for SQLite, created and then dropped for PostgreSQL."""
+    driver = DRIVERS[mode, backend]
+    if backend == "sqlite":
+        yield Database(mode, backend, f"{driver}://")
+        return
+    name = f"test_{uuid4().hex[:12]}"
+    with admin_connection() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = make_url(TEST_DATABASE_URL).set(drivername=driver, database=name)
+        yield Database(mode, backend, url.render_as_string(hide_password=False))
+    finally:
+        with admin_connection() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=MODES, ids=lambda param: "-".join(param))
+def database(request: pytest.FixtureRequest) -> Iterator[Database]:
+    """Every mode this run can test: a test using it runs once for each."""
+    with new_database(*request.param) as database:
+        yield database
+
+
+class PoolWatch:
+    """Counts connections checked out of an engine's pool and not yet returned."""
+
+    def __init__(self, engine: Engine | AsyncEngine) -> None:
+        self.checked_out = 0
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        event.listen(sync_engine.pool, "checkout", self.on_checkout)
+        event.listen(sync_engine.pool, "checkin", self.on_checkin)
+
+    def on_checkout(self, *_: object) -> None:
+        self.checked_out += 1
+
+    def on_checkin(self, *_: object) -> None:
+        self.checked_out -= 1
+
+
+@dataclass
+class App:
+    """The app under test with its database: the client, the engine behind the sessions, the pool watch."""
+
+    client: TestClient
+    app: FastAPI
+    engine: Engine | AsyncEngine
+    pool: PoolWatch
+    database: Database
+
+    def run(self, function, *args):  # type: ignore[no-untyped-def]
+        """Run an async function on the client's event loop (asyncpg connections belong to one loop)."""
+        return self.client.portal.call(function, *args)  # type: ignore[union-attr]
+
+    def count_rows(self, sql: str = "SELECT count(*) FROM item") -> int:
+        return self.run(scalar, self.engine, sql)
+
+
+async def scalar(engine: Engine | AsyncEngine, sql: str) -> object:
+    if isinstance(engine, AsyncEngine):
+        async with engine.connect() as connection:
+            return (await connection.execute(text(sql))).scalar()
+    with engine.connect() as connection:
+        return connection.execute(text(sql)).scalar()
+
+
+async def create_tables(engine: Engine | AsyncEngine) -> None:
+    if isinstance(engine, AsyncEngine):
+        async with engine.begin() as connection:
+            await connection.run_sync(SQLModel.metadata.create_all)
+    else:
+        SQLModel.metadata.create_all(engine)
+
+
+async def dispose(engine: Engine | AsyncEngine) -> None:
+    if isinstance(engine, AsyncEngine):
+        await engine.dispose()
+    else:
+        engine.dispose()
+
+
+def app_for(database: Database, **client_options: object) -> Iterator[App]:
+    engine = create_db_engine(Settings(database_url=database.url))
+    app = create_app(async_mode=database.is_async)
+
+    def get_test_session() -> Iterator[Session]:
+        with Session(engine, expire_on_commit=False) as session:  # type: ignore[arg-type]
+            yield session
+
+    async def get_test_async_session() -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(engine, expire_on_commit=False) as session:  # type: ignore[arg-type]
+            yield session
+
+    app.dependency_overrides[get_session] = get_test_session
+    app.dependency_overrides[get_async_session] = get_test_async_session
+    pool = PoolWatch(engine)
+    with TestClient(app, **client_options) as client:  # type: ignore[arg-type]
+        client.portal.call(create_tables, engine)  # type: ignore[union-attr]
+        yield App(client, app, engine, pool, database)
+        client.portal.call(dispose, engine)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def api(database: Database) -> Iterator[App]:
+    """The app in every mode, with a fresh database; server errors come back as 500 responses."""
+    yield from app_for(database, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(api: App) -> TestClient:
+    return api.client

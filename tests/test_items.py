@@ -1,0 +1,362 @@
+"""The items HTTP contract, in every mode (sync and async, SQLite and PostgreSQL when configured)."""
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import App
+
+
+def create(client: TestClient, title: str = "Buy milk", **fields: object) -> dict:
+    response = client.post("/items/", json={"title": title, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def parse_utc(value: str) -> datetime:
+    moment = datetime.fromisoformat(value)
+    assert moment.utcoffset() == timedelta(0), f"{value} is not UTC"
+    return moment
+
+
+# --- POST /items/ ---
+
+
+def test_create_item_returns_201_with_the_item_and_its_location(client: TestClient) -> None:
+    before = datetime.now(timezone.utc)
+    response = client.post("/items/", json={"title": "Buy milk", "description": "Two litres"})
+
+    assert response.status_code == 201
+    item = response.json()
+    assert set(item) == {"id", "title", "description", "created_at", "updated_at"}
+    assert item["title"] == "Buy milk" and item["description"] == "Two litres"
+    assert isinstance(item["id"], int)
+    assert response.headers["location"] == f"/items/{item['id']}"
+    assert before - timedelta(seconds=5) <= parse_utc(item["created_at"]) <= datetime.now(timezone.utc)
+    assert item["created_at"] == item["updated_at"] or parse_utc(item["updated_at"]) >= parse_utc(item["created_at"])
+
+
+def test_create_item_without_description_stores_null(client: TestClient) -> None:
+    item = create(client, "No description")
+    assert item["description"] is None
+    assert client.get(f"/items/{item['id']}").json()["description"] is None
+
+
+def test_create_item_ignores_a_client_sent_id_and_timestamps(client: TestClient) -> None:
+    body = {"title": "Mine", "id": 4242, "created_at": "2000-01-01T00:00:00Z", "updated_at": "2000-01-01T00:00:00Z"}
+    response = client.post("/items/", json=body)
+
+    assert response.status_code == 201
+    item = response.json()
+    assert item["id"] != 4242
+    assert item["created_at"].startswith(str(datetime.now(timezone.utc).year))
+    assert client.get("/items/4242").status_code == 404
+
+
+def test_create_item_with_duplicate_title_returns_409(client: TestClient) -> None:
+    create(client, "Same")
+    response = client.post("/items/", json={"title": "Same", "description": "again"})
+
+    assert response.status_code == 409
+    assert response.json() == {"detail": "An item with this title already exists"}
+    assert client.get("/items/").headers["x-total-count"] == "1"
+
+
+def test_request_after_a_409_works_normally(client: TestClient) -> None:
+    create(client, "Same")
+    assert client.post("/items/", json={"title": "Same"}).status_code == 409
+
+    item = create(client, "Different")
+    assert client.get(f"/items/{item['id']}").status_code == 200
+
+
+@pytest.mark.parametrize("length", [1, 100])
+def test_create_item_accepts_title_lengths_at_the_bounds(client: TestClient, length: int) -> None:
+    assert create(client, "t" * length)["title"] == "t" * length
+
+
+@pytest.mark.parametrize("length", [0, 101])
+def test_create_item_rejects_title_lengths_outside_the_bounds_with_422(client: TestClient, length: int) -> None:
+    response = client.post("/items/", json={"title": "t" * length})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "title"]
+
+
+def test_create_item_accepts_a_1000_character_description(client: TestClient) -> None:
+    assert create(client, "Long", description="d" * 1000)["description"] == "d" * 1000
+
+
+def test_create_item_rejects_a_1001_character_description_with_422(client: TestClient) -> None:
+    response = client.post("/items/", json={"title": "Too long", "description": "d" * 1001})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "description"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"title": None},
+        {"title": 123},
+        {"title": ["a"]},
+        {"title": "ok", "description": 5},
+        {"title": "ok", "description": {"a": 1}},
+        {"title": "nul\u0000inside"},
+        [],
+        "just a string",
+    ],
+    ids=["missing-title", "null-title", "int-title", "list-title", "int-description", "object-description",
+         "nul-character", "list-body", "string-body"],
+)
+def test_create_item_with_invalid_body_returns_422(client: TestClient, body: object) -> None:
+    response = client.post("/items/", json=body)
+    assert response.status_code == 422
+    assert isinstance(response.json()["detail"], list)
+    assert client.get("/items/").headers["x-total-count"] == "0"
+
+
+def test_create_item_with_malformed_json_returns_422(client: TestClient) -> None:
+    response = client.post("/items/", content=b'{"title": ', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "detail" in response.json()
+
+
+# --- GET /items/ ---
+
+
+def test_list_items_returns_items_ordered_by_id_with_total_count(client: TestClient) -> None:
+    ids = [create(client, f"item {n}")["id"] for n in (3, 1, 2)]
+
+    response = client.get("/items/")
+
+    assert response.status_code == 200
+    assert [item["id"] for item in response.json()] == sorted(ids)
+    assert response.headers["x-total-count"] == "3"
+
+
+def test_list_items_pages_with_skip_and_limit_and_counts_all_rows(client: TestClient) -> None:
+    ids = [create(client, f"item {n}")["id"] for n in range(5)]
+
+    response = client.get("/items/", params={"skip": 1, "limit": 2})
+
+    assert [item["id"] for item in response.json()] == ids[1:3]
+    assert response.headers["x-total-count"] == "5"
+
+
+def test_list_items_beyond_the_last_page_is_empty_with_total_count(client: TestClient) -> None:
+    create(client)
+    response = client.get("/items/", params={"skip": 10})
+    assert response.json() == [] and response.headers["x-total-count"] == "1"
+
+
+def test_list_items_on_an_empty_database_is_empty(client: TestClient) -> None:
+    response = client.get("/items/")
+    assert response.status_code == 200
+    assert response.json() == [] and response.headers["x-total-count"] == "0"
+
+
+def test_list_items_returns_at_most_100_by_default(client: TestClient) -> None:
+    for n in range(101):
+        create(client, f"item {n}")
+    response = client.get("/items/")
+    assert len(response.json()) == 100 and response.headers["x-total-count"] == "101"
+
+
+@pytest.mark.parametrize("params", [{"skip": -1}, {"limit": 0}, {"limit": 101}, {"skip": "a"}, {"limit": "1.5"}])
+def test_list_items_with_bad_paging_returns_422(client: TestClient, params: dict) -> None:
+    response = client.get("/items/", params=params)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][0] == "query"
+
+
+@pytest.mark.parametrize("params", [{"skip": 0, "limit": 1}, {"limit": 100}])
+def test_list_items_accepts_paging_at_the_bounds(client: TestClient, params: dict) -> None:
+    create(client)
+    assert client.get("/items/", params=params).status_code == 200
+
+
+# --- GET /items/{item_id} ---
+
+
+def test_read_item_returns_the_item(client: TestClient) -> None:
+    item = create(client, "Read me", description="please")
+    response = client.get(f"/items/{item['id']}")
+    assert response.status_code == 200
+    assert response.json() == item
+
+
+def test_read_missing_item_returns_404(client: TestClient) -> None:
+    response = client.get("/items/999999")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Item not found"}
+
+
+@pytest.mark.parametrize("item_id", ["abc", "1.5", "1e3"])
+def test_read_item_with_non_integer_id_returns_422(client: TestClient, item_id: str) -> None:
+    response = client.get(f"/items/{item_id}")
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["path", "item_id"]
+
+
+# --- PUT /items/{item_id} ---
+
+
+def test_replace_item_replaces_all_fields_and_moves_updated_at(client: TestClient) -> None:
+    item = create(client, "Old", description="old")
+
+    response = client.put(f"/items/{item['id']}", json={"title": "New"})
+
+    assert response.status_code == 200
+    replaced = response.json()
+    assert replaced["title"] == "New"
+    assert replaced["description"] is None, "an omitted description becomes null"
+    assert replaced["id"] == item["id"] and replaced["created_at"] == item["created_at"]
+    assert parse_utc(replaced["updated_at"]) > parse_utc(item["updated_at"])
+    assert client.get(f"/items/{item['id']}").json() == replaced
+
+
+def test_replace_item_keeping_its_own_title_is_not_a_conflict(client: TestClient) -> None:
+    item = create(client, "Mine")
+    assert client.put(f"/items/{item['id']}", json={"title": "Mine", "description": "x"}).status_code == 200
+
+
+def test_replace_missing_item_returns_404(client: TestClient) -> None:
+    response = client.put("/items/999999", json={"title": "New"})
+    assert response.status_code == 404 and response.json() == {"detail": "Item not found"}
+
+
+def test_replace_item_with_duplicate_title_returns_409_and_changes_nothing(client: TestClient) -> None:
+    create(client, "Taken")
+    item = create(client, "Free", description="keep")
+
+    response = client.put(f"/items/{item['id']}", json={"title": "Taken", "description": "lost"})
+
+    assert response.status_code == 409
+    assert response.json() == {"detail": "An item with this title already exists"}
+    assert client.get(f"/items/{item['id']}").json() == item
+
+
+@pytest.mark.parametrize("body", [{}, {"title": ""}, {"title": None}, {"title": "t" * 101}, {"title": "ok", "description": "d" * 1001}])
+def test_replace_item_with_invalid_body_returns_422(client: TestClient, body: dict) -> None:
+    item = create(client)
+    assert client.put(f"/items/{item['id']}", json=body).status_code == 422
+    assert client.get(f"/items/{item['id']}").json() == item
+
+
+def test_replace_item_ignores_a_client_sent_id(client: TestClient) -> None:
+    item = create(client)
+    response = client.put(f"/items/{item['id']}", json={"title": "New", "id": 777})
+    assert response.json()["id"] == item["id"]
+
+
+# --- PATCH /items/{item_id} ---
+
+
+def test_update_item_changes_only_the_fields_sent(client: TestClient) -> None:
+    item = create(client, "Old", description="keep me")
+
+    response = client.patch(f"/items/{item['id']}", json={"title": "New"})
+
+    assert response.status_code == 200
+    updated = response.json()
+    assert updated["title"] == "New" and updated["description"] == "keep me"
+    assert parse_utc(updated["updated_at"]) > parse_utc(item["updated_at"])
+    assert updated["created_at"] == item["created_at"]
+
+
+def test_update_item_with_null_description_clears_it(client: TestClient) -> None:
+    item = create(client, "Old", description="clear me")
+    response = client.patch(f"/items/{item['id']}", json={"description": None})
+    assert response.status_code == 200
+    assert response.json()["description"] is None and response.json()["title"] == "Old"
+
+
+def test_update_item_with_empty_body_only_moves_updated_at(client: TestClient) -> None:
+    item = create(client, "Same", description="same")
+    updated = client.patch(f"/items/{item['id']}", json={}).json()
+    assert (updated["title"], updated["description"]) == ("Same", "same")
+    assert parse_utc(updated["updated_at"]) > parse_utc(item["updated_at"])
+
+
+def test_update_item_with_null_title_returns_422(client: TestClient) -> None:
+    item = create(client)
+    response = client.patch(f"/items/{item['id']}", json={"title": None})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "title"]
+
+
+@pytest.mark.parametrize("body", [{"title": ""}, {"title": "t" * 101}, {"description": "d" * 1001}, {"title": 5}])
+def test_update_item_with_invalid_fields_returns_422(client: TestClient, body: dict) -> None:
+    item = create(client)
+    assert client.patch(f"/items/{item['id']}", json=body).status_code == 422
+    assert client.get(f"/items/{item['id']}").json() == item
+
+
+def test_update_missing_item_returns_404(client: TestClient) -> None:
+    response = client.patch("/items/999999", json={"title": "New"})
+    assert response.status_code == 404 and response.json() == {"detail": "Item not found"}
+
+
+def test_update_item_with_duplicate_title_returns_409_and_changes_nothing(client: TestClient) -> None:
+    create(client, "Taken")
+    item = create(client, "Free", description="keep")
+
+    response = client.patch(f"/items/{item['id']}", json={"title": "Taken", "description": "lost"})
+
+    assert response.status_code == 409
+    assert response.json() == {"detail": "An item with this title already exists"}
+    assert client.get(f"/items/{item['id']}").json() == item
+
+
+# --- DELETE /items/{item_id} ---
+
+
+def test_delete_item_returns_204_with_empty_body_and_removes_it(client: TestClient) -> None:
+    item = create(client)
+
+    response = client.delete(f"/items/{item['id']}")
+
+    assert response.status_code == 204
+    assert response.content == b""
+    assert client.get(f"/items/{item['id']}").status_code == 404
+    assert client.get("/items/").headers["x-total-count"] == "0"
+
+
+def test_delete_missing_item_returns_404(client: TestClient) -> None:
+    response = client.delete("/items/999999")
+    assert response.status_code == 404 and response.json() == {"detail": "Item not found"}
+
+
+def test_deleted_title_can_be_used_again(client: TestClient) -> None:
+    item = create(client, "Reuse")
+    client.delete(f"/items/{item['id']}")
+    assert create(client, "Reuse")["id"] != item["id"]
+
+
+# --- Errors every route shares ---
+
+
+def test_unknown_route_returns_json_404(client: TestClient) -> None:
+    response = client.get("/nothing-here")
+    assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+
+
+def test_wrong_method_returns_json_405(client: TestClient) -> None:
+    response = client.patch("/items/")
+    assert response.status_code == 405 and "detail" in response.json()
+
+
+# --- Concurrency: the database's constraint decides, not a pre-check ---
+
+
+def test_concurrent_creates_with_the_same_title_give_one_201_and_409s(api: App) -> None:
+    if api.database.backend == "sqlite":
+        pytest.skip("in-memory SQLite has one shared connection; tests/test_server.py races on a SQLite file")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda _: api.client.post("/items/", json={"title": "Race"}).status_code, range(16)))
+
+    assert statuses.count(201) == 1
+    assert statuses.count(409) == 15
+    assert api.count_rows() == 1
