@@ -8,20 +8,44 @@ from fastapi import FastAPI
 from core import db, health
 from core.body_limit import BodySizeLimit
 from core.config import get_settings
+from core.docs import add_offline_docs
 from core.errors import add_exception_handlers
 from items import item
 
 
+DESCRIPTION = """
+Create, list, update and delete items. Every request gets its own database session; writes commit
+before the response is sent, and any failure rolls back.
+
+New here? Follow the [workshop](/workshop) (`WORKSHOP.md` in the repository), step by step.
+"""
+
+TAGS = [
+    {"name": "items", "description": "The items: a unique title and an optional description, with server-set id and timestamps."},
+    {"name": "health", "description": "Is the app up, and does its database answer?"},
+]
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await db.create_db_and_tables()
+    await db.create_db_and_tables(db.engine)
     yield
-    await db.dispose_engine()
+    await db.dispose_engine(db.engine)
 
 
 def create_app(async_mode: bool = db.IS_ASYNC) -> FastAPI:
     """Build the app; the mode follows DATABASE_URL (tests build both)."""
-    app = FastAPI(title="Items API", version="1.0.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Items API",
+        version="1.0.0",
+        summary="A to-do list of items, and a reference for database sessions in FastAPI + SQLModel.",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    add_offline_docs(app)
     add_exception_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
     app.include_router(health.router)

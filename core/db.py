@@ -1,10 +1,9 @@
 """The database: one engine per process, one session per request, in sync or async mode."""
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
 from typing import Annotated, Any
-from uuid import uuid4
 
 import anyio
 from fastapi import Depends
@@ -56,13 +55,9 @@ def engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     if url.get_driver_name() == "asyncpg":
         connect_args: dict[str, Any] = {"timeout": settings.db_connect_timeout}
         if not settings.db_prepared_statements:
-            # PgBouncer hands each transaction a different server connection, where a named statement
-            # does not exist: cache nothing, and name every statement uniquely.
-            connect_args |= {
-                "statement_cache_size": 0,
-                "prepared_statement_cache_size": 0,
-                "prepared_statement_name_func": lambda: f"__asyncpg_{uuid4()}__",
-            }
+            # PgBouncer hands each transaction any server connection, where a named prepared statement
+            # may not exist: with no statement cache, asyncpg and SQLAlchemy use unnamed statements only.
+            connect_args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
     else:
         connect_args = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
         if not settings.db_prepared_statements:
@@ -70,12 +65,26 @@ def engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     return options | {"connect_args": connect_args}
 
 
-def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
-    """Run on every new SQLite connection (the settings below last only as long as the connection)."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute(f"PRAGMA busy_timeout={int(get_settings().sqlite_busy_timeout_ms)}")
-    cursor.close()
+def sqlite_setup(settings: Settings) -> Callable[[Any, Any], None]:
+    def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        """Run on every new SQLite connection: these settings last only as long as the connection."""
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={settings.sqlite_busy_timeout_ms:d}")
+        cursor.close()
+
+    return configure_sqlite
+
+
+def rollback_leftover_transaction(dbapi_connection: Any, record: Any, reset: Any) -> None:
+    """Run as a connection goes back to the pool: roll back a transaction left open by a failed commit.
+
+    SQLAlchemy 2.1 skips its rollback-on-return once commit() was called, even when the commit failed
+    and left the transaction open: the next request would inherit, and could commit, the failed write.
+    The rollback is a no-op on a connection with no open transaction.
+    """
+    if reset.transaction_was_reset and getattr(record.driver_connection, "in_transaction", True):
+        dbapi_connection.rollback()
 
 
 def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
@@ -88,9 +97,10 @@ def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
     else:
         async_engine = None
         sync_engine = create_engine(url, **options)
+    # The async engine runs on a sync one underneath, so these listeners serve both modes.
+    event.listen(sync_engine.pool, "reset", rollback_leftover_transaction)
     if url.get_backend_name() == "sqlite":
-        # The async driver runs on a sync one underneath, so one listener serves both modes.
-        event.listen(sync_engine, "connect", configure_sqlite)
+        event.listen(sync_engine, "connect", sqlite_setup(settings))
     return async_engine or sync_engine
 
 
@@ -104,19 +114,8 @@ def max_connections(engine: Engine | AsyncEngine) -> int:
 engine = create_db_engine(get_settings())
 IS_ASYNC = isinstance(engine, AsyncEngine)
 
-# In sync mode a request keeps its pooled connection while it waits for a worker thread (to run the
-# route, then to validate the response). Were every thread waiting for a connection, none could be
-# freed: a deadlock. So a request first takes one of as many slots as the pool has connections, waiting
-# in the event loop, not in a thread: then no thread ever waits for a connection.
-connection_slots = anyio.Semaphore(max_connections(engine))
 
-
-async def wait_for_connection_slot() -> AsyncIterator[None]:
-    async with connection_slots:
-        yield
-
-
-def get_session(_slot: Annotated[None, Depends(wait_for_connection_slot)]) -> Iterator[Session]:
+def get_session() -> Iterator[Session]:
     """One session per request; closing it rolls back anything uncommitted and returns the connection."""
     # expire_on_commit=False: after commit the objects keep their values, so returning one to the
     # client needs no second SELECT (in async mode such a hidden load would fail: MissingGreenlet).
@@ -130,8 +129,13 @@ async def get_async_session() -> AsyncIterator[AsyncSession]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
-AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_session)]
+# A sync request keeps its pooled connection while it waits for a worker thread (to validate the
+# response): were every thread waiting for a connection, none would come back, a deadlock. So no more
+# requests hold a session than the pool has connections; the others wait in the event loop, not in a
+# thread, and never long enough in the pool for its timeout to turn ordinary load into 503s.
+SESSIONS_AT_ONCE = max_connections(engine)
+SessionDep = Annotated[Session, Depends(get_session, max_concurrency=SESSIONS_AT_ONCE)]
+AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_session, max_concurrency=SESSIONS_AT_ONCE)]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -155,7 +159,7 @@ def create_tables(connection: Connection) -> None:
     SQLModel.metadata.create_all(connection)
 
 
-async def create_db_and_tables() -> None:
+async def create_db_and_tables(engine: Engine | AsyncEngine) -> None:
     if isinstance(engine, AsyncEngine):
         async with engine.begin() as connection:
             await connection.run_sync(create_tables)
@@ -164,7 +168,7 @@ async def create_db_and_tables() -> None:
             create_tables(connection)
 
 
-async def dispose_engine() -> None:
+async def dispose_engine(engine: Engine | AsyncEngine) -> None:
     if isinstance(engine, AsyncEngine):
         await engine.dispose()
     else:
@@ -183,8 +187,7 @@ async def database_is_up() -> bool:
             async with engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
         else:
-            async with connection_slots:
-                await anyio.to_thread.run_sync(select_one)
+            await anyio.to_thread.run_sync(select_one)
     except (DBAPIError, *DATABASE_DOWN_ERRORS) as exc:
         logger.warning("Database check failed: %s", type(exc).__name__)
         return False

@@ -2,7 +2,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from core.db import IS_ASYNC, database_is_up, engine
+from core import db
 
 router = APIRouter(tags=["health"])
 
@@ -26,9 +26,10 @@ UNAVAILABLE_EXAMPLE = {"status": "unavailable", "database": "unavailable", "mode
 )
 async def health() -> Health | JSONResponse:
     """Answer 200 when the database answers a `SELECT 1`, 503 when it does not."""
-    up = await database_is_up()
+    up = await db.database_is_up()
     state = "ok" if up else "unavailable"
-    report = Health(status=state, database=state, mode="async" if IS_ASYNC else "sync", dialect=engine.dialect.name)
+    mode = "async" if db.IS_ASYNC else "sync"
+    report = Health(status=state, database=state, mode=mode, dialect=db.engine.dialect.name)
     if up:
         return report
     return JSONResponse(report.model_dump(), status_code=503)

@@ -35,6 +35,15 @@ Description = Annotated[
 ]
 
 
+ITEM_EXAMPLE = {
+    "id": 1,
+    "title": "Buy milk",
+    "description": "Two litres",
+    "created_at": "2026-11-25T09:30:00Z",
+    "updated_at": "2026-11-25T09:30:00Z",
+}
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -42,12 +51,16 @@ def utc_now() -> datetime:
 class ItemBase(SQLModel):
     """The fields a client sends: the body of POST and PUT."""
 
+    model_config = {"json_schema_extra": {"examples": [{"title": "Buy milk", "description": "Two litres"}]}}  # type: ignore[assignment]
+
     title: Title
     description: Description = None
 
 
 class ItemUpdate(SQLModel):
     """The body of PATCH: every field optional, and only the fields sent are changed."""
+
+    model_config = {"json_schema_extra": {"examples": [{"description": None}]}}  # type: ignore[assignment]
 
     # The type stays `str`, so `"title": null` is a 422; leaving title out keeps the current one.
     title: Title = None  # type: ignore[assignment]
@@ -61,7 +74,10 @@ class Item(ItemBase, table=True):
     # so the id of a deleted item is never given to a new one (PostgreSQL's sequences never reuse ids).
     __table_args__ = (UniqueConstraint("title", name="uq_item_title"), {"sqlite_autoincrement": True})
     # Every field appears in every response, so the response schema marks them all as required.
-    model_config = {"json_schema_serialization_defaults_required": True}  # type: ignore[assignment]
+    model_config = {  # type: ignore[assignment]
+        "json_schema_serialization_defaults_required": True,
+        "json_schema_extra": {"examples": [ITEM_EXAMPLE]},
+    }
 
     id: int | None = Field(default=None, primary_key=True, description="Assigned by the server.")
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime, description="UTC, set by the server.")

@@ -13,6 +13,7 @@ os.environ["DATABASE_URL"] = "sqlite://"
 from collections.abc import AsyncIterator, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 from uuid import uuid4  # noqa: E402
 
 import psycopg  # noqa: E402
@@ -21,11 +22,17 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from sqlalchemy import Engine, event, make_url, text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
-from sqlmodel import Session, SQLModel  # noqa: E402
+from sqlmodel import Session  # noqa: E402
 from sqlmodel.ext.asyncio.session import AsyncSession  # noqa: E402
 
 from core.config import Settings  # noqa: E402
-from core.db import create_db_engine, get_async_session, get_session  # noqa: E402
+from core.db import (  # noqa: E402
+    create_db_and_tables,
+    create_db_engine,
+    dispose_engine,
+    get_async_session,
+    get_session,
+)
 from main import create_app  # noqa: E402
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -38,6 +45,7 @@ DRIVERS = {
 }
 BACKENDS = ["sqlite", "postgresql"] if TEST_DATABASE_URL else ["sqlite"]
 MODES = [(mode, backend) for backend in BACKENDS for mode in ("sync", "async")]
+POSTGRESQL_MODES = [(mode, backend) for mode, backend in MODES if backend == "postgresql"]
 
 
 def pytest_report_header() -> str:
@@ -81,11 +89,32 @@ def new_database(mode: str, backend: str) -> Iterator[Database]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=MODES, ids=lambda param: "-".join(param))
+def mode_id(param: tuple[str, str]) -> str:
+    return "-".join(param)
+
+
+@pytest.fixture(params=MODES, ids=mode_id)
 def database(request: pytest.FixtureRequest) -> Iterator[Database]:
     """Every mode this run can test: a test using it runs once for each."""
     with new_database(*request.param) as database:
         yield database
+
+
+@pytest.fixture(params=MODES, ids=mode_id)
+def server_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """Like `database`, but SQLite is a file in the test's temporary folder, so a server process can open it."""
+    mode, backend = request.param
+    if backend == "sqlite":
+        yield Database(mode, backend, f"{DRIVERS[mode, backend]}:///{tmp_path / 'items.db'}")
+        return
+    with new_database(mode, backend) as database:
+        yield database
+
+
+@pytest.fixture
+def postgresql_required() -> None:
+    if not TEST_DATABASE_URL:
+        pytest.skip("set TEST_DATABASE_URL to a PostgreSQL database to run this test")
 
 
 class PoolWatch:
@@ -130,22 +159,8 @@ async def scalar(engine: Engine | AsyncEngine, sql: str) -> object:
         return connection.execute(text(sql)).scalar()
 
 
-async def create_tables(engine: Engine | AsyncEngine) -> None:
-    if isinstance(engine, AsyncEngine):
-        async with engine.begin() as connection:
-            await connection.run_sync(SQLModel.metadata.create_all)
-    else:
-        SQLModel.metadata.create_all(engine)
-
-
-async def dispose(engine: Engine | AsyncEngine) -> None:
-    if isinstance(engine, AsyncEngine):
-        await engine.dispose()
-    else:
-        engine.dispose()
-
-
-def app_for(database: Database, **client_options: object) -> Iterator[App]:
+def app_for(database: Database, create: bool = True, **client_options: object) -> Iterator[App]:
+    """The app in the database's mode, its sessions on that database; `create` makes the tables first."""
     engine = create_db_engine(Settings(database_url=database.url))
     app = create_app(async_mode=database.is_async)
 
@@ -161,9 +176,10 @@ def app_for(database: Database, **client_options: object) -> Iterator[App]:
     app.dependency_overrides[get_async_session] = get_test_async_session
     pool = PoolWatch(engine)
     with TestClient(app, **client_options) as client:  # type: ignore[arg-type]
-        client.portal.call(create_tables, engine)  # type: ignore[union-attr]
+        if create:
+            client.portal.call(create_db_and_tables, engine)  # type: ignore[union-attr]
         yield App(client, app, engine, pool, database)
-        client.portal.call(dispose, engine)  # type: ignore[union-attr]
+        client.portal.call(dispose_engine, engine)  # type: ignore[union-attr]
 
 
 @pytest.fixture

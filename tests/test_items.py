@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import App
+from tests.conftest import POSTGRESQL_MODES, App, mode_id
 
 
 def create(client: TestClient, title: str = "Buy milk", **fields: object) -> dict:
@@ -351,9 +351,10 @@ def test_wrong_method_returns_json_405(client: TestClient) -> None:
 # --- Concurrency: the database's constraint decides, not a pre-check ---
 
 
+# In-memory SQLite has one shared connection, so this runs on PostgreSQL; tests/test_server.py races on
+# a SQLite file through a real server.
+@pytest.mark.parametrize("database", POSTGRESQL_MODES, ids=mode_id, indirect=True)
 def test_concurrent_creates_with_the_same_title_give_one_201_and_409s(api: App) -> None:
-    if api.database.backend == "sqlite":
-        pytest.skip("in-memory SQLite has one shared connection; tests/test_server.py races on a SQLite file")
     with ThreadPoolExecutor(max_workers=8) as pool:
         statuses = list(pool.map(lambda _: api.client.post("/items/", json={"title": "Race"}).status_code, range(16)))
 

@@ -1,0 +1,214 @@
+"""A real uvicorn server process and a TCP proxy that can cut the database off: for the fault and load tests.
+
+Everything listens on 127.0.0.1 only, and every wait here is bounded.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`uvicorn main:app` in its own process, on a free loopback port."""
+
+    def __init__(self, database_url: str, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--no-access-log", "--timeout-graceful-shutdown", "10"]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        environment = {**os.environ, "DATABASE_URL": database_url, **(env or {})}
+        environment.pop("TEST_DATABASE_URL", None)
+        # The log goes to a file: a full pipe would block the server.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_until_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.read_log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the server did not answer within {timeout} s:\n{self.stop()}")
+
+    def stop(self, timeout: float = 15) -> str:
+        """SIGTERM (a graceful shutdown: lifespan end, engine disposed), SIGKILL if it hangs; returns the log."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.read_log()
+
+    def read_log(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+
+@contextmanager
+def running_server(database_url: str, **options: object) -> Iterator[Server]:
+    server = Server(database_url, **options)  # type: ignore[arg-type]
+    try:
+        server.wait_until_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to the database; `cut()` drops every connection and refuses new ones."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.is_cut = False
+        self.connections: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self.accept_forever, daemon=True).start()
+
+    def accept_forever(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.is_cut:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.connections |= {client, upstream}
+            threading.Thread(target=self.pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self.pump, args=(upstream, client), daemon=True).start()
+
+    def pump(self, source: socket.socket, destination: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                destination.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            self.drop(source, destination)
+
+    def drop(self, *sockets: socket.socket) -> None:
+        for sock in sockets:
+            with self.lock:
+                self.connections.discard(sock)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def cut(self) -> None:
+        self.is_cut = True
+        with self.lock:
+            live = list(self.connections)
+        self.drop(*live)
+
+    def restore(self) -> None:
+        self.is_cut = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut()
+        self.listener.close()
+
+
+@dataclass
+class LoadResult:
+    statuses: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def percentile(self, share: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
+
+
+async def mixed_load(base_url: str, clients: int, total_requests: int, seconds: float) -> LoadResult:
+    """`clients` concurrent clients share `total_requests`, each cycling through reads, writes and errors.
+
+    Stops after `total_requests` or `seconds`, whichever comes first.
+    """
+    result = LoadResult()
+    tickets = iter(range(total_requests))
+    serial = count()
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=seconds) as http:
+        first = (await http.post("/items/", json={"title": f"load-seed-{time.time_ns()}"})).json()
+
+        def request(step: int):  # type: ignore[no-untyped-def]
+            match step % 6:
+                case 0:
+                    return http.get(f"/items/{first['id']}")
+                case 1:
+                    return http.get("/items/", params={"limit": 20})
+                case 2:
+                    return http.post("/items/", json={"title": f"load-{time.time_ns()}-{next(serial)}"})
+                case 3:
+                    return http.post("/items/", json={"title": first["title"]})
+                case 4:
+                    return http.get("/items/987654321")
+                case _:
+                    return http.patch(f"/items/{first['id']}", json={"title": None})
+
+        async def one_client(number: int) -> None:
+            for ticket in tickets:
+                if time.monotonic() > deadline:
+                    return
+                started = time.monotonic()
+                response = await request(number + ticket)
+                result.latencies.append(time.monotonic() - started)
+                result.statuses[response.status_code] += 1
+
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(one_client(n) for n in range(clients))), seconds + 10)
+        result.seconds = time.monotonic() - started
+    return result
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")

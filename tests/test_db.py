@@ -1,0 +1,258 @@
+"""core/db.py: the session guarantees, the engine options, and the database errors clients see."""
+
+import asyncio
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from fastapi import HTTPException
+from sqlalchemy import Engine, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool, StaticPool
+
+from core import db
+from core.config import Settings
+from core.db import AsyncSessionDep, SessionDep, UTCDateTime, create_db_engine, database_url, engine_options
+from items.item import Item
+from tests.conftest import App, Database, app_for
+
+# --- The session guarantees: every request returns its connection, and failures leave nothing behind ---
+
+
+def add_failing_route(api: App) -> None:
+    """A route that writes a row, flushes it, then fails: the row must not survive."""
+
+    def fail_after_write(session: SessionDep) -> None:
+        session.add(Item(title="half-written"))
+        session.flush()
+        raise RuntimeError("boom")
+
+    async def fail_after_write_async(session: AsyncSessionDep) -> None:
+        session.add(Item(title="half-written"))
+        await session.flush()
+        raise RuntimeError("boom")
+
+    endpoint = fail_after_write_async if api.database.is_async else fail_after_write
+    api.app.add_api_route("/fail-after-write", endpoint, methods=["POST"])
+
+
+def test_every_outcome_returns_the_connection_to_the_pool(api: App) -> None:
+    add_failing_route(api)
+    client = api.client
+    item_id = client.post("/items/", json={"title": "First"}).json()["id"]
+    requests = [
+        (lambda: client.get(f"/items/{item_id}"), 200),
+        (lambda: client.get("/items/"), 200),
+        (lambda: client.get("/items/999999"), 404),
+        (lambda: client.post("/items/", json={"title": "First"}), 409),
+        (lambda: client.patch(f"/items/{item_id}", json={"title": None}), 422),
+        (lambda: client.put("/items/999999", json={"title": "x"}), 404),
+        (lambda: client.post("/fail-after-write"), 500),
+        (lambda: client.delete(f"/items/{item_id}"), 204),
+    ]
+    for send, expected_status in requests:
+        response = send()
+        assert response.status_code == expected_status, response.text
+        assert api.pool.checked_out == 0, f"a connection stayed checked out after a {expected_status}"
+
+
+def test_route_that_raises_returns_generic_500_and_leaves_no_row(api: App) -> None:
+    add_failing_route(api)
+
+    response = api.client.post("/fail-after-write")
+
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal Server Error"}
+    assert api.count_rows() == 0
+
+
+def test_failed_commit_is_never_reported_as_success_and_its_write_never_survives(
+    api: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dialect = api.engine.dialect
+
+    def commit_fails(_dbapi_connection: object) -> None:
+        # As a driver reports it when the database refuses the COMMIT (e.g. SQLite's "database is locked").
+        raise dialect.loaded_dbapi.OperationalError("the database refused the commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dialect, "do_commit", commit_fails)
+        failed = api.client.post("/items/", json={"title": "Never stored"})
+
+    assert failed.status_code >= 500
+    assert "detail" in failed.json()
+    assert api.pool.checked_out == 0
+    # The next request reuses the pooled connection: it must neither see nor commit the failed write.
+    assert api.client.get("/items/").headers["x-total-count"] == "0"
+    assert api.client.post("/items/", json={"title": "Stored"}).status_code == 201
+    assert [item["title"] for item in api.client.get("/items/").json()] == ["Stored"]
+
+
+def test_conflict_on_update_rolls_back_every_change_of_that_request(api: App) -> None:
+    client = api.client
+    client.post("/items/", json={"title": "Taken"})
+    item = client.post("/items/", json={"title": "Free", "description": "before"}).json()
+
+    assert client.put(f"/items/{item['id']}", json={"title": "Taken", "description": "after"}).status_code == 409
+
+    assert api.count_rows("SELECT count(*) FROM item WHERE description = 'after'") == 0
+    assert api.pool.checked_out == 0
+
+
+def test_http_exception_in_route_rolls_back_the_session(api: App) -> None:
+    def reject_after_write(session: SessionDep) -> None:
+        session.add(Item(title="rejected"))
+        session.flush()
+        raise HTTPException(status_code=400, detail="No")
+
+    async def reject_after_write_async(session: AsyncSessionDep) -> None:
+        session.add(Item(title="rejected"))
+        await session.flush()
+        raise HTTPException(status_code=400, detail="No")
+
+    endpoint = reject_after_write_async if api.database.is_async else reject_after_write
+    api.app.add_api_route("/reject", endpoint, methods=["POST"])
+
+    assert api.client.post("/reject").json() == {"detail": "No"}
+    assert api.count_rows() == 0
+    assert api.pool.checked_out == 0
+
+
+# --- A database that cannot be reached: 503, never a hang or a traceback ---
+
+
+@pytest.fixture(params=["sync", "async"])
+def unreachable(request: pytest.FixtureRequest) -> Iterator[App]:
+    """The app with its sessions on a PostgreSQL port where nothing listens (connection refused)."""
+    driver = "postgresql+asyncpg" if request.param == "async" else "postgresql+psycopg"
+    database = Database(request.param, "postgresql", f"{driver}://postgres@127.0.0.1:9/nothing")
+    yield from app_for(database, create=False, raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [("GET", "/items/", None), ("GET", "/items/1", None), ("POST", "/items/", {"title": "x"}), ("DELETE", "/items/1", None)],
+)
+def test_item_requests_return_503_when_the_database_is_unreachable(
+    unreachable: App, method: str, path: str, body: dict | None
+) -> None:
+    response = unreachable.client.request(method, path, json=body)
+
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Database unavailable"}
+    assert unreachable.pool.checked_out == 0
+
+
+def test_health_reports_ok_with_mode_and_dialect(api: App) -> None:
+    response = api.client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok", "mode": "sync", "dialect": "sqlite"}
+
+
+def test_health_returns_503_when_the_database_is_unreachable(api: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "engine", create_db_engine(Settings(database_url="postgresql://postgres@127.0.0.1:9/none")))
+
+    response = api.client.get("/health")
+
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable" and response.json()["database"] == "unavailable"
+
+
+# --- Engine options, chosen from the URL ---
+
+
+@pytest.mark.parametrize(
+    "url, driver",
+    [
+        ("postgresql://u@h/d", "postgresql+psycopg"),
+        ("postgres://u@h/d", "postgresql+psycopg"),
+        ("postgresql+psycopg://u@h/d", "postgresql+psycopg"),
+        ("postgresql+asyncpg://u@h/d", "postgresql+asyncpg"),
+        ("sqlite:///x.db", "sqlite"),
+        ("sqlite+aiosqlite:///x.db", "sqlite+aiosqlite"),
+    ],
+)
+def test_database_url_uses_psycopg_3_for_plain_postgresql(url: str, driver: str) -> None:
+    assert database_url(url).drivername == driver
+
+
+@pytest.mark.parametrize(
+    "url, is_async",
+    [("sqlite://", False), ("sqlite+aiosqlite://", True), ("postgresql://u@h/d", False), ("postgresql+asyncpg://u@h/d", True)],
+)
+def test_driver_in_the_url_chooses_the_mode(url: str, is_async: bool) -> None:
+    assert isinstance(create_db_engine(Settings(database_url=url)), AsyncEngine) is is_async
+
+
+def test_postgresql_gets_pre_ping_pool_settings_and_connect_timeout() -> None:
+    settings = Settings(db_pool_size=3, db_max_overflow=7, db_pool_timeout=9, db_connect_timeout=4)
+
+    options = engine_options(database_url("postgresql://u@h/d"), settings)
+
+    assert options["pool_pre_ping"] is True
+    assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (3, 7, 9)
+    assert options["connect_args"] == {"connect_timeout": 4}
+    assert engine_options(database_url("postgresql+asyncpg://u@h/d"), settings)["connect_args"] == {"timeout": 4}
+
+
+def test_pool_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_POOL_SIZE", "2")
+    monkeypatch.setenv("DB_MAX_OVERFLOW", "3")
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "4.5")
+
+    engine = create_db_engine(Settings(database_url="postgresql://u@h/d"))
+
+    assert isinstance(engine.pool, QueuePool)
+    assert (engine.pool.size(), engine.pool._max_overflow, engine.pool._timeout) == (2, 3, 4.5)
+
+
+def test_prepared_statements_can_be_turned_off_for_pgbouncer() -> None:
+    settings = Settings(db_prepared_statements=False)
+
+    psycopg_args = engine_options(database_url("postgresql://u@h/d"), settings)["connect_args"]
+    asyncpg_args = engine_options(database_url("postgresql+asyncpg://u@h/d"), settings)["connect_args"]
+
+    assert psycopg_args["prepare_threshold"] is None
+    assert asyncpg_args["statement_cache_size"] == 0 and asyncpg_args["prepared_statement_cache_size"] == 0
+
+
+def test_in_memory_sqlite_shares_one_connection() -> None:
+    assert isinstance(create_db_engine(Settings(database_url="sqlite://")).pool, StaticPool)
+
+
+async def pragmas_of_two_connections(engine: Engine | AsyncEngine) -> list[tuple[object, object]]:
+    """Open two connections at once: each must have been configured when it was opened."""
+    query = text("SELECT * FROM pragma_foreign_keys, pragma_busy_timeout")
+    if isinstance(engine, AsyncEngine):
+        async with engine.connect() as first, engine.connect() as second:
+            rows = [tuple((await connection.execute(query)).one()) for connection in (first, second)]
+        await engine.dispose()
+        return rows
+    with engine.connect() as first, engine.connect() as second:
+        rows = [tuple(connection.execute(query).one()) for connection in (first, second)]
+    engine.dispose()
+    return rows
+
+
+@pytest.mark.parametrize("driver", ["sqlite", "sqlite+aiosqlite"])
+def test_every_sqlite_connection_gets_foreign_keys_and_busy_timeout(driver: str, tmp_path: Path) -> None:
+    settings = Settings(database_url=f"{driver}:///{tmp_path / 'pragmas.db'}", sqlite_busy_timeout_ms=1234)
+
+    rows = asyncio.run(pragmas_of_two_connections(create_db_engine(settings)))
+
+    assert rows == [(1, 1234), (1, 1234)]
+
+
+# --- Timestamps ---
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [datetime(2026, 1, 2, 3, 4, 5), datetime(2026, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2)))],
+    ids=["naive-as-sqlite-returns-it", "with-offset-as-postgresql-may-return-it"],
+)
+def test_utc_datetime_reads_back_as_aware_utc(stored: datetime) -> None:
+    value = UTCDateTime().process_result_value(stored, None)
+    assert value == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert value.tzinfo == timezone.utc

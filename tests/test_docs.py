@@ -1,0 +1,127 @@
+"""The API's own documentation: the OpenAPI schema teaches, and /docs and /redoc work offline."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import Database
+from tests.live import running_server
+
+OPERATIONS = [
+    ("/items/", "post", {409, 422, 503}),
+    ("/items/", "get", {422, 503}),
+    ("/items/{item_id}", "get", {404, 422, 503}),
+    ("/items/{item_id}", "put", {404, 409, 422, 503}),
+    ("/items/{item_id}", "patch", {404, 409, 422, 503}),
+    ("/items/{item_id}", "delete", {404, 422, 503}),
+]
+
+
+@pytest.fixture
+def schema(client: TestClient) -> dict:
+    return client.get("/openapi.json").json()
+
+
+def test_openapi_has_title_version_and_a_description_linking_the_workshop(schema: dict) -> None:
+    info = schema["info"]
+    assert info["title"] == "Items API" and info["version"]
+    assert "[workshop](/workshop)" in info["description"]
+
+
+def test_items_tag_has_a_description(schema: dict) -> None:
+    tags = {tag["name"]: tag for tag in schema["tags"]}
+    assert tags["items"]["description"]
+
+
+@pytest.mark.parametrize("path, method, errors", OPERATIONS, ids=[f"{m} {p}" for p, m, _ in OPERATIONS])
+def test_every_item_operation_is_documented_with_its_errors_and_examples(
+    schema: dict, path: str, method: str, errors: set[int]
+) -> None:
+    operation = schema["paths"][path][method]
+
+    assert operation["tags"] == ["items"]
+    assert operation["summary"]
+    assert operation["description"].endswith(".") and operation["description"].count(". ") == 0
+    documented = {int(code) for code in operation["responses"] if code[0] in "45"}
+    assert documented == errors
+    for code in errors - {422}:
+        assert "detail" in operation["responses"][str(code)]["content"]["application/json"]["example"]
+
+
+@pytest.mark.parametrize("model", ["ItemBase", "ItemUpdate", "Item"])
+def test_request_and_response_models_carry_an_example(schema: dict, model: str) -> None:
+    component = schema["components"]["schemas"][model]
+    (example,) = component["examples"]
+    assert set(example) <= set(component["properties"])
+
+
+def test_request_bodies_show_constraints_examples_and_the_uniqueness_of_title(schema: dict) -> None:
+    fields = schema["components"]["schemas"]["ItemBase"]["properties"]
+    assert fields["title"]["maxLength"] == 100 and fields["title"]["minLength"] == 1
+    assert "unique" in fields["title"]["description"]
+    assert fields["title"]["examples"]
+    description = next(option for option in fields["description"]["anyOf"] if option["type"] == "string")
+    assert description["maxLength"] == 1000
+
+
+def test_response_schema_marks_every_field_as_always_present(schema: dict) -> None:
+    item = schema["components"]["schemas"]["Item"]
+    assert set(item["required"]) == {"id", "title", "description", "created_at", "updated_at"}
+
+
+def test_root_redirects_to_docs(client: TestClient) -> None:
+    response = client.get("/", follow_redirects=False)
+    assert response.status_code in (302, 307) and response.headers["location"] == "/docs"
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_every_asset_from_the_app_itself(client: TestClient, page: str) -> None:
+    html = client.get(page).text
+
+    assert not re.findall(r"https?://", html), "a CDN link would break the docs without internet access"
+    assets = re.findall(r"""(?:src|href)=["']?(/docs-assets/[^"' >]+)""", html)
+    assert assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
+
+
+def test_workshop_link_serves_the_workshop(client: TestClient) -> None:
+    response = client.get("/workshop")
+    assert response.status_code == 200
+    assert response.text == (Path(__file__).parent.parent / "WORKSHOP.md").read_text()
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_swagger_ui_renders_every_operation_in_a_headless_browser(tmp_path: Path) -> None:
+    database = Database("sync", "sqlite", f"sqlite:///{tmp_path / 'docs.db'}")
+    with running_server(database.url) as server:
+        dom = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                f"{server.url}/docs",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+
+    for summary in ["Create an item", "List items", "Read an item", "Replace an item", "Update an item", "Delete an item"]:
+        assert summary in dom, f"{summary!r} is not rendered in /docs"
+    assert dom.count('class="opblock ') >= 7
