@@ -45,7 +45,6 @@ DRIVERS = {
 }
 BACKENDS = ["sqlite", "postgresql"] if TEST_DATABASE_URL else ["sqlite"]
 MODES = [(mode, backend) for backend in BACKENDS for mode in ("sync", "async")]
-POSTGRESQL_MODES = [(mode, backend) for mode, backend in MODES if backend == "postgresql"]
 
 
 def pytest_report_header() -> str:

@@ -1,12 +1,13 @@
-"""The items HTTP contract, in every mode (sync and async, SQLite and PostgreSQL when configured)."""
+"""The items HTTP contract, in every mode (sync and async, SQLite and PostgreSQL when configured).
 
-from concurrent.futures import ThreadPoolExecutor
+Races between concurrent requests run against a real server: tests/test_server.py.
+"""
+
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import POSTGRESQL_MODES, App, mode_id
 
 
 def create(client: TestClient, title: str = "Buy milk", **fields: object) -> dict:
@@ -346,18 +347,3 @@ def test_unknown_route_returns_json_404(client: TestClient) -> None:
 def test_wrong_method_returns_json_405(client: TestClient) -> None:
     response = client.patch("/items/")
     assert response.status_code == 405 and "detail" in response.json()
-
-
-# --- Concurrency: the database's constraint decides, not a pre-check ---
-
-
-# In-memory SQLite has one shared connection, so this runs on PostgreSQL; tests/test_server.py races on
-# a SQLite file through a real server.
-@pytest.mark.parametrize("database", POSTGRESQL_MODES, ids=mode_id, indirect=True)
-def test_concurrent_creates_with_the_same_title_give_one_201_and_409s(api: App) -> None:
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        statuses = list(pool.map(lambda _: api.client.post("/items/", json={"title": "Race"}).status_code, range(16)))
-
-    assert statuses.count(201) == 1
-    assert statuses.count(409) == 15
-    assert api.count_rows() == 1

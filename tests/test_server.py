@@ -60,6 +60,17 @@ def test_200_concurrent_clients_above_the_pool_size_all_get_answers_without_5xx(
     assert set(result.statuses) == {200, 201, 404, 409, 422}, result.statuses
 
 
+def test_one_pooled_connection_serves_100_concurrent_clients_without_deadlock(server_database: Database) -> None:
+    # The classic sync trap, made certain: 40 worker threads all waiting for the one connection, held by
+    # a request that needs a thread to finish. Sessions wait in the event loop instead, so all succeed.
+    env = {"DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0", "DB_POOL_TIMEOUT": "3"}
+    with running_server(server_database.url, env=env) as server:
+        result = asyncio.run(mixed_load(server.url, clients=100, total_requests=600, seconds=60))
+
+    assert sum(result.statuses.values()) == 600
+    assert not [status for status in result.statuses if status >= 500], result.statuses
+
+
 @pytest.fixture(params=["sync", "async"])
 def proxied_database(request: pytest.FixtureRequest, postgresql_required: None) -> tuple[Database, TcpProxy]:
     """A fresh PostgreSQL database reached through a proxy that the test can cut."""
