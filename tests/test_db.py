@@ -223,7 +223,7 @@ def test_in_memory_sqlite_shares_one_connection() -> None:
 
 async def pragmas_of_two_connections(engine: Engine | AsyncEngine) -> list[tuple[object, object]]:
     """Open two connections at once: each must have been configured when it was opened."""
-    query = text("SELECT * FROM pragma_foreign_keys, pragma_busy_timeout")
+    query = text("SELECT * FROM pragma_foreign_keys, pragma_busy_timeout, pragma_journal_mode, pragma_synchronous")
     if isinstance(engine, AsyncEngine):
         async with engine.connect() as first, engine.connect() as second:
             rows = [tuple((await connection.execute(query)).one()) for connection in (first, second)]
@@ -236,12 +236,13 @@ async def pragmas_of_two_connections(engine: Engine | AsyncEngine) -> list[tuple
 
 
 @pytest.mark.parametrize("driver", ["sqlite", "sqlite+aiosqlite"])
-def test_every_sqlite_connection_gets_foreign_keys_and_busy_timeout(driver: str, tmp_path: Path) -> None:
+def test_every_sqlite_connection_gets_foreign_keys_busy_timeout_and_wal(driver: str, tmp_path: Path) -> None:
     settings = Settings(database_url=f"{driver}:///{tmp_path / 'pragmas.db'}", sqlite_busy_timeout_ms=1234)
 
     rows = asyncio.run(pragmas_of_two_connections(create_db_engine(settings)))
 
-    assert rows == [(1, 1234), (1, 1234)]
+    # synchronous=1 is NORMAL: with WAL, commits are synced at checkpoints.
+    assert rows == [(1, 1234, "wal", 1), (1, 1234, "wal", 1)]
 
 
 # --- Timestamps ---

@@ -223,22 +223,6 @@ def test_replace_item_keeping_its_own_title_is_not_a_conflict(client: TestClient
     assert client.put(f"/items/{item['id']}", json={"title": "Mine", "description": "x"}).status_code == 200
 
 
-def test_replace_missing_item_returns_404(client: TestClient) -> None:
-    response = client.put("/items/999999", json={"title": "New"})
-    assert response.status_code == 404 and response.json() == {"detail": "Item not found"}
-
-
-def test_replace_item_with_duplicate_title_returns_409_and_changes_nothing(client: TestClient) -> None:
-    create(client, "Taken")
-    item = create(client, "Free", description="keep")
-
-    response = client.put(f"/items/{item['id']}", json={"title": "Taken", "description": "lost"})
-
-    assert response.status_code == 409
-    assert response.json() == {"detail": "An item with this title already exists"}
-    assert client.get(f"/items/{item['id']}").json() == item
-
-
 @pytest.mark.parametrize("body", [{}, {"title": ""}, {"title": None}, {"title": "t" * 101}, {"title": "ok", "description": "d" * 1001}])
 def test_replace_item_with_invalid_body_returns_422(client: TestClient, body: dict) -> None:
     item = create(client)
@@ -295,16 +279,23 @@ def test_update_item_with_invalid_fields_returns_422(client: TestClient, body: d
     assert client.get(f"/items/{item['id']}").json() == item
 
 
-def test_update_missing_item_returns_404(client: TestClient) -> None:
-    response = client.patch("/items/999999", json={"title": "New"})
+
+
+# --- PUT and PATCH alike ---
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+def test_changing_missing_item_returns_404(client: TestClient, method: str) -> None:
+    response = client.request(method, "/items/999999", json={"title": "New"})
     assert response.status_code == 404 and response.json() == {"detail": "Item not found"}
 
 
-def test_update_item_with_duplicate_title_returns_409_and_changes_nothing(client: TestClient) -> None:
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+def test_changing_item_to_a_duplicate_title_returns_409_and_changes_nothing(client: TestClient, method: str) -> None:
     create(client, "Taken")
     item = create(client, "Free", description="keep")
 
-    response = client.patch(f"/items/{item['id']}", json={"title": "Taken", "description": "lost"})
+    response = client.request(method, f"/items/{item['id']}", json={"title": "Taken", "description": "lost"})
 
     assert response.status_code == 409
     assert response.json() == {"detail": "An item with this title already exists"}
