@@ -11,7 +11,6 @@ from core.docs import add_offline_docs
 from core.errors import add_exception_handlers
 from items import item
 
-
 DESCRIPTION = """
 Create, list, update and delete items. Every request gets its own database session; writes commit
 before the response is sent, and any failure rolls back.
@@ -20,7 +19,10 @@ New here? Follow the [workshop](/workshop) (`WORKSHOP.md` in the repository), st
 """
 
 TAGS = [
-    {"name": "items", "description": "The items: a unique title and an optional description, with server-set id and timestamps."},
+    {
+        "name": "items",
+        "description": "The items: a unique title and an optional description, with server-set id and timestamps.",
+    },
     {"name": "health", "description": "Is the app up, and does its database answer?"},
 ]
 

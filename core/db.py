@@ -1,8 +1,9 @@
 """The database: one engine per process, one session per request, in sync or async mode."""
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
@@ -21,8 +22,9 @@ from core.config import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
-# Errors that mean "the database cannot be reached right now" rather than "this request is wrong".
-DATABASE_DOWN_ERRORS = (PoolTimeoutError, OSError, TimeoutError)
+# Errors that mean "the database cannot be reached right now" rather than "this request is wrong"
+# (asyncpg raises the socket's own errors when it cannot connect).
+DATABASE_DOWN_ERRORS = (PoolTimeoutError, ConnectionError, TimeoutError, socket.gaierror)
 
 
 def database_url(raw_url: str) -> URL:
@@ -152,8 +154,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value if value.tzinfo is timezone.utc else value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value if value.tzinfo is UTC else value.astimezone(UTC)
 
 
 def create_tables(connection: Connection) -> None:

@@ -24,7 +24,7 @@ def add_offline_docs(app: FastAPI) -> None:
         return RedirectResponse("/docs")
 
     @app.get("/workshop", include_in_schema=False)
-    async def workshop() -> PlainTextResponse:
+    def workshop() -> PlainTextResponse:
         return PlainTextResponse(WORKSHOP.read_text(), media_type="text/markdown")
 
     @app.get("/docs", include_in_schema=False)

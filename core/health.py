@@ -21,8 +21,13 @@ UNAVAILABLE_EXAMPLE = {"status": "unavailable", "database": "unavailable", "mode
     "/health",
     response_model=Health,
     summary="Check the app and its database",
-    responses={503: {"model": Health, "description": "The database does not answer.",
-                     "content": {"application/json": {"example": UNAVAILABLE_EXAMPLE}}}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "The database does not answer.",
+            "content": {"application/json": {"example": UNAVAILABLE_EXAMPLE}},
+        }
+    },
 )
 async def health() -> Health | JSONResponse:
     """Answer 200 when the database answers a `SELECT 1`, 503 when it does not."""

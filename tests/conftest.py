@@ -10,30 +10,30 @@ import os
 # swaps in its own database through app.dependency_overrides.
 os.environ["DATABASE_URL"] = "sqlite://"
 
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from uuid import uuid4  # noqa: E402
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import uuid4
 
-import psycopg  # noqa: E402
-import pytest  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from sqlalchemy import Engine, event, make_url, text  # noqa: E402
-from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
-from sqlmodel import Session  # noqa: E402
-from sqlmodel.ext.asyncio.session import AsyncSession  # noqa: E402
+import psycopg
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import Session
+from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.config import Settings  # noqa: E402
-from core.db import (  # noqa: E402
+from core.config import Settings
+from core.db import (
     create_db_and_tables,
     create_db_engine,
     dispose_engine,
     get_async_session,
     get_session,
 )
-from main import create_app  # noqa: E402
+from main import create_app
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 

@@ -59,8 +59,10 @@ def main() -> None:
     print(f"throughput      {total / result.seconds:.0f} req/s")
     print(f"latency         p50 {result.percentile(0.5) * 1000:.1f} ms, p99 {result.percentile(0.99) * 1000:.1f} ms")
     print(f"statuses        {dict(sorted(result.statuses.items()))}, 5xx: {server_errors}")
-    print(f"rss             start {rss_start / 1024:.1f} MiB, after warm-up {rss_warm / 1024:.1f} MiB, "
-          f"after {total} more {rss_end / 1024:.1f} MiB ({(rss_end - rss_warm) / rss_warm:+.1%})")
+    print(
+        f"rss             start {rss_start / 1024:.1f} MiB, after warm-up {rss_warm / 1024:.1f} MiB, "
+        f"after {total} more {rss_end / 1024:.1f} MiB ({(rss_end - rss_warm) / rss_warm:+.1%})"
+    )
     if busy is not None:
         print(f"busy db conns   {busy} (connections in a transaction or query after the run)")
     if server_errors or total < args.requests:

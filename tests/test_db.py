@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -132,7 +132,12 @@ def unreachable(request: pytest.FixtureRequest) -> Iterator[App]:
 
 @pytest.mark.parametrize(
     "method, path, body",
-    [("GET", "/items/", None), ("GET", "/items/1", None), ("POST", "/items/", {"title": "x"}), ("DELETE", "/items/1", None)],
+    [
+        ("GET", "/items/", None),
+        ("GET", "/items/1", None),
+        ("POST", "/items/", {"title": "x"}),
+        ("DELETE", "/items/1", None),
+    ],
 )
 def test_item_requests_return_503_when_the_database_is_unreachable(
     unreachable: App, method: str, path: str, body: dict | None
@@ -179,7 +184,12 @@ def test_database_url_uses_psycopg_3_for_plain_postgresql(url: str, driver: str)
 
 @pytest.mark.parametrize(
     "url, is_async",
-    [("sqlite://", False), ("sqlite+aiosqlite://", True), ("postgresql://u@h/d", False), ("postgresql+asyncpg://u@h/d", True)],
+    [
+        ("sqlite://", False),
+        ("sqlite+aiosqlite://", True),
+        ("postgresql://u@h/d", False),
+        ("postgresql+asyncpg://u@h/d", True),
+    ],
 )
 def test_driver_in_the_url_chooses_the_mode(url: str, is_async: bool) -> None:
     assert isinstance(create_db_engine(Settings(database_url=url)), AsyncEngine) is is_async
@@ -255,5 +265,5 @@ def test_every_sqlite_connection_gets_foreign_keys_busy_timeout_and_wal(driver: 
 )
 def test_utc_datetime_reads_back_as_aware_utc(stored: datetime) -> None:
     value = UTCDateTime().process_result_value(stored, None)
-    assert value == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    assert value.tzinfo == timezone.utc
+    assert value == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert value.tzinfo == UTC

@@ -122,6 +122,13 @@ def test_swagger_ui_renders_every_operation_in_a_headless_browser(tmp_path: Path
             timeout=60,
         ).stdout
 
-    for summary in ["Create an item", "List items", "Read an item", "Replace an item", "Update an item", "Delete an item"]:
+    for summary in [
+        "Create an item",
+        "List items",
+        "Read an item",
+        "Replace an item",
+        "Update an item",
+        "Delete an item",
+    ]:
         assert summary in dom, f"{summary!r} is not rendered in /docs"
     assert dom.count('class="opblock ') >= 7

@@ -3,11 +3,10 @@
 Races between concurrent requests run against a real server: tests/test_server.py.
 """
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-
 
 
 def create(client: TestClient, title: str = "Buy milk", **fields: object) -> dict:
@@ -26,7 +25,7 @@ def parse_utc(value: str) -> datetime:
 
 
 def test_create_item_returns_201_with_the_item_and_its_location(client: TestClient) -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     response = client.post("/items/", json={"title": "Buy milk", "description": "Two litres"})
 
     assert response.status_code == 201
@@ -35,7 +34,7 @@ def test_create_item_returns_201_with_the_item_and_its_location(client: TestClie
     assert item["title"] == "Buy milk" and item["description"] == "Two litres"
     assert isinstance(item["id"], int)
     assert response.headers["location"] == f"/items/{item['id']}"
-    assert before - timedelta(seconds=5) <= parse_utc(item["created_at"]) <= datetime.now(timezone.utc)
+    assert before - timedelta(seconds=5) <= parse_utc(item["created_at"]) <= datetime.now(UTC)
     assert item["created_at"] == item["updated_at"] or parse_utc(item["updated_at"]) >= parse_utc(item["created_at"])
 
 
@@ -52,7 +51,7 @@ def test_create_item_ignores_a_client_sent_id_and_timestamps(client: TestClient)
     assert response.status_code == 201
     item = response.json()
     assert item["id"] != 4242
-    assert item["created_at"].startswith(str(datetime.now(timezone.utc).year))
+    assert item["created_at"].startswith(str(datetime.now(UTC).year))
     assert client.get("/items/4242").status_code == 404
 
 
@@ -108,8 +107,17 @@ def test_create_item_rejects_a_1001_character_description_with_422(client: TestC
         [],
         "just a string",
     ],
-    ids=["missing-title", "null-title", "int-title", "list-title", "int-description", "object-description",
-         "nul-character", "list-body", "string-body"],
+    ids=[
+        "missing-title",
+        "null-title",
+        "int-title",
+        "list-title",
+        "int-description",
+        "object-description",
+        "nul-character",
+        "list-body",
+        "string-body",
+    ],
 )
 def test_create_item_with_invalid_body_returns_422(client: TestClient, body: object) -> None:
     response = client.post("/items/", json=body)
@@ -223,7 +231,9 @@ def test_replace_item_keeping_its_own_title_is_not_a_conflict(client: TestClient
     assert client.put(f"/items/{item['id']}", json={"title": "Mine", "description": "x"}).status_code == 200
 
 
-@pytest.mark.parametrize("body", [{}, {"title": ""}, {"title": None}, {"title": "t" * 101}, {"title": "ok", "description": "d" * 1001}])
+@pytest.mark.parametrize(
+    "body", [{}, {"title": ""}, {"title": None}, {"title": "t" * 101}, {"title": "ok", "description": "d" * 1001}]
+)
 def test_replace_item_with_invalid_body_returns_422(client: TestClient, body: dict) -> None:
     item = create(client)
     assert client.put(f"/items/{item['id']}", json=body).status_code == 422
@@ -277,8 +287,6 @@ def test_update_item_with_invalid_fields_returns_422(client: TestClient, body: d
     item = create(client)
     assert client.patch(f"/items/{item['id']}", json=body).status_code == 422
     assert client.get(f"/items/{item['id']}").json() == item
-
-
 
 
 # --- PUT and PATCH alike ---

@@ -97,7 +97,10 @@ def timed(send) -> tuple[httpx.Response, float]:  # type: ignore[no-untyped-def]
 def test_database_outage_gives_fast_503s_and_the_app_recovers_by_itself(proxied_database) -> None:  # type: ignore[no-untyped-def]
     database, proxy = proxied_database
     env = POOL | {"DB_CONNECT_TIMEOUT": "2", "DB_POOL_TIMEOUT": "5"}
-    with running_server(via(proxy, database), env=env) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with (
+        running_server(via(proxy, database), env=env) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
         item = client.post("/items/", json={"title": "before"}).json()
 
         proxy.cut()
@@ -172,10 +175,9 @@ def test_request_body_over_1_mib_streamed_without_length_is_refused_with_413(ser
 
 
 def test_four_workers_starting_at_once_on_an_empty_postgresql_database_all_come_up(postgresql_required: None) -> None:
-    with new_database("sync", "postgresql") as database:
-        with running_server(database.url, workers=4) as server:
-            assert httpx.post(f"{server.url}/items/", json={"title": "one"}).status_code == 201
-            log = server.stop()
+    with new_database("sync", "postgresql") as database, running_server(database.url, workers=4) as server:
+        assert httpx.post(f"{server.url}/items/", json={"title": "one"}).status_code == 201
+        log = server.stop()
 
     assert log.count("Application startup complete") == 4, log
     assert "Traceback" not in log
