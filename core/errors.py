@@ -3,6 +3,8 @@
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 
@@ -35,7 +37,7 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, IntegrityError):
         return error(409, "The request conflicts with existing data")
     if isinstance(exc, DataError):
-        return error(422, "A value was rejected by the database")
+        return error(400, "A value was rejected by the database")
     logger.exception("%s %s: database error", request.method, request.url.path)
     return error(500, "Internal Server Error")
 
@@ -45,12 +47,23 @@ def is_disconnect(exc: DBAPIError) -> bool:
     return type(exc).__name__ in ("OperationalError", "InterfaceError")
 
 
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, safe for any input: NaN or a lone surrogate in the body cannot be echoed back as JSON."""
+    errors = jsonable_encoder(exc.errors())
+    try:
+        return JSONResponse({"detail": errors}, status_code=422)
+    except (UnicodeEncodeError, ValueError):
+        without_input = [{key: value for key, value in e.items() if key not in ("input", "ctx")} for e in errors]
+        return JSONResponse({"detail": without_input}, status_code=422)
+
+
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("%s %s: unexpected error", request.method, request.url.path)
     return error(500, "Internal Server Error")
 
 
 def add_exception_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     for error_type in (SQLAlchemyError, *DATABASE_DOWN_ERRORS):
         app.add_exception_handler(error_type, database_error)
     app.add_exception_handler(Exception, unexpected_error)

@@ -5,10 +5,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.routing import APIRoute
 from pydantic import Field as Rules
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import BigInteger, Integer, UniqueConstraint
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, SQLModel, func, select
 
@@ -79,7 +79,13 @@ class Item(ItemBase, table=True):
         "json_schema_extra": {"examples": [ITEM_EXAMPLE]},
     }
 
-    id: int | None = Field(default=None, primary_key=True, description="Assigned by the server.")
+    # 64-bit ids on PostgreSQL; SQLite's INTEGER PRIMARY KEY is 64-bit already (and must be spelled so).
+    id: int | None = Field(
+        default=None,
+        primary_key=True,
+        sa_type=BigInteger().with_variant(Integer(), "sqlite"),
+        description="Assigned by the server.",
+    )
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime, description="UTC, set by the server.")
     updated_at: datetime = Field(
         default_factory=utc_now, sa_type=UTCDateTime, description="UTC, changes on every update."
@@ -125,9 +131,15 @@ def example(description: str, detail: str) -> dict[str, Any]:
 
 
 ITEM_NOT_FOUND = {404: example("No item has this id.", NOT_FOUND)}
+BAD_BODY = {
+    400: example("The body is not JSON text, or the database rejected a value.", "There was an error parsing the body")
+}
 TITLE_CONFLICT = {409: example("Another item already has this title.", TITLE_TAKEN)}
 
-PageSkip = Annotated[int, Query(ge=0, description="How many items to skip.")]
+# Ids and offsets are 64-bit in the database; a larger number is a 422, not a database error.
+BIGINT_MAX = 2**63 - 1
+ItemId = Annotated[int, Path(ge=-BIGINT_MAX - 1, le=BIGINT_MAX, description="The item's id.")]
+PageSkip = Annotated[int, Query(ge=0, le=BIGINT_MAX, description="How many items to skip.")]
 PageLimit = Annotated[int, Query(ge=1, le=100, description="How many items to return, at most 100.")]
 
 # --- Sync mode (the default): `def` routes run in a worker thread with a `Session` ---
@@ -135,7 +147,7 @@ PageLimit = Annotated[int, Query(ge=1, le=100, description="How many items to re
 router = APIRouter(prefix="/items", tags=["items"], responses=UNAVAILABLE_RESPONSE)
 
 
-@router.post("/", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=TITLE_CONFLICT)
+@router.post("/", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=BAD_BODY | TITLE_CONFLICT)
 def create_item(item_in: ItemBase, session: SessionDep, response: Response) -> Item:
     """Create an item; the server assigns its id and timestamps and answers with its Location."""
     item = Item.model_validate(item_in)
@@ -154,13 +166,13 @@ def list_items(session: SessionDep, response: Response, skip: PageSkip = 0, limi
 
 
 @router.get("/{item_id}", summary="Read an item", responses=ITEM_NOT_FOUND)
-def read_item(item_id: int, session: SessionDep) -> Item:
+def read_item(item_id: ItemId, session: SessionDep) -> Item:
     """Return the item with this id."""
     return found(session.get(Item, item_id))
 
 
-@router.put("/{item_id}", summary="Replace an item", responses=ITEM_NOT_FOUND | TITLE_CONFLICT)
-def replace_item(item_id: int, item_in: ItemBase, session: SessionDep) -> Item:
+@router.put("/{item_id}", summary="Replace an item", responses=BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT)
+def replace_item(item_id: ItemId, item_in: ItemBase, session: SessionDep) -> Item:
     """Replace every client field of the item; a description left out becomes null."""
     item = found(session.get(Item, item_id))
     apply_changes(item, item_in.model_dump())
@@ -169,8 +181,8 @@ def replace_item(item_id: int, item_in: ItemBase, session: SessionDep) -> Item:
     return item
 
 
-@router.patch("/{item_id}", summary="Update an item", responses=ITEM_NOT_FOUND | TITLE_CONFLICT)
-def update_item(item_id: int, changes: ItemUpdate, session: SessionDep) -> Item:
+@router.patch("/{item_id}", summary="Update an item", responses=BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT)
+def update_item(item_id: ItemId, changes: ItemUpdate, session: SessionDep) -> Item:
     """Change only the fields sent; `"description": null` clears the description."""
     item = found(session.get(Item, item_id))
     apply_changes(item, changes.model_dump(exclude_unset=True))
@@ -180,7 +192,7 @@ def update_item(item_id: int, changes: ItemUpdate, session: SessionDep) -> Item:
 
 
 @router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an item", responses=ITEM_NOT_FOUND)
-def delete_item(item_id: int, session: SessionDep) -> None:
+def delete_item(item_id: ItemId, session: SessionDep) -> None:
     """Delete the item with this id."""
     session.delete(found(session.get(Item, item_id)))
     session.commit()
@@ -232,12 +244,12 @@ async def list_items_async(
 
 
 @same_route_as(read_item)
-async def read_item_async(item_id: int, session: AsyncSessionDep) -> Item:
+async def read_item_async(item_id: ItemId, session: AsyncSessionDep) -> Item:
     return found(await session.get(Item, item_id))
 
 
 @same_route_as(replace_item)
-async def replace_item_async(item_id: int, item_in: ItemBase, session: AsyncSessionDep) -> Item:
+async def replace_item_async(item_id: ItemId, item_in: ItemBase, session: AsyncSessionDep) -> Item:
     item = found(await session.get(Item, item_id))
     apply_changes(item, item_in.model_dump())
     with unique_title():
@@ -246,7 +258,7 @@ async def replace_item_async(item_id: int, item_in: ItemBase, session: AsyncSess
 
 
 @same_route_as(update_item)
-async def update_item_async(item_id: int, changes: ItemUpdate, session: AsyncSessionDep) -> Item:
+async def update_item_async(item_id: ItemId, changes: ItemUpdate, session: AsyncSessionDep) -> Item:
     item = found(await session.get(Item, item_id))
     apply_changes(item, changes.model_dump(exclude_unset=True))
     with unique_title():
@@ -255,6 +267,6 @@ async def update_item_async(item_id: int, changes: ItemUpdate, session: AsyncSes
 
 
 @same_route_as(delete_item)
-async def delete_item_async(item_id: int, session: AsyncSessionDep) -> None:
+async def delete_item_async(item_id: ItemId, session: AsyncSessionDep) -> None:
     await session.delete(found(await session.get(Item, item_id)))
     await session.commit()

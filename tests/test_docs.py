@@ -12,11 +12,11 @@ from tests.conftest import Database
 from tests.live import running_server
 
 OPERATIONS = [
-    ("/items/", "post", {409, 422, 503}),
+    ("/items/", "post", {400, 409, 422, 503}),
     ("/items/", "get", {422, 503}),
     ("/items/{item_id}", "get", {404, 422, 503}),
-    ("/items/{item_id}", "put", {404, 409, 422, 503}),
-    ("/items/{item_id}", "patch", {404, 409, 422, 503}),
+    ("/items/{item_id}", "put", {400, 404, 409, 422, 503}),
+    ("/items/{item_id}", "patch", {400, 404, 409, 422, 503}),
     ("/items/{item_id}", "delete", {404, 422, 503}),
 ]
 

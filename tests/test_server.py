@@ -170,7 +170,7 @@ def test_request_body_over_1_mib_streamed_without_length_is_refused_with_413(ser
         count_after = httpx.get(f"{server.url}/items/").headers["x-total-count"]
 
     assert response.status_code == 413
-    assert response.json() == {"detail": "Content Too Large"}
+    assert response.json() == {"detail": "Request body too large"}
     assert count_after == "0"
 
 
