@@ -1,8 +1,10 @@
 """Exception handlers: every error is JSON with a `detail`, and no traceback or SQL text reaches a client."""
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +23,17 @@ UNAVAILABLE_RESPONSE = {
         "content": {"application/json": {"example": {"detail": DATABASE_UNAVAILABLE}}},
     }
 }
+
+
+@contextmanager
+def duplicate_is_conflict(column: str, detail: str) -> Iterator[None]:
+    """Turn the database's unique-constraint violation on `column` into a 409, even when two requests race."""
+    try:
+        yield
+    except IntegrityError as exc:
+        if column not in str(exc.orig):
+            raise
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=detail) from exc
 
 
 def error(status_code: int, detail: str) -> JSONResponse:

@@ -1,7 +1,7 @@
 """The items feature: its models, its statements and its routes, in sync and async mode."""
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -9,11 +9,11 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.routing import APIRoute
 from pydantic import Field as Rules
 from sqlalchemy import BigInteger, Integer, UniqueConstraint
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, SQLModel, func, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from core.db import AsyncSessionDep, SessionDep, UTCDateTime
-from core.errors import UNAVAILABLE_RESPONSE
+from core.errors import UNAVAILABLE_RESPONSE, duplicate_is_conflict
 
 # No NUL characters: PostgreSQL cannot store them, and the API must behave the same on every database.
 NO_NUL = r"^[^\x00]*$"
@@ -100,7 +100,7 @@ TITLE_TAKEN = "An item with this title already exists"
 count_items = select(func.count()).select_from(Item)
 
 
-def page_of_items(skip: int, limit: int):  # type: ignore[no-untyped-def]
+def page_of_items(skip: int, limit: int) -> SelectOfScalar[Item]:
     return select(Item).order_by(Item.id).offset(skip).limit(limit)
 
 
@@ -115,15 +115,9 @@ def apply_changes(item: Item, changes: dict[str, Any]) -> None:
     item.updated_at = utc_now()
 
 
-@contextmanager
-def unique_title() -> Iterator[None]:
-    """Turn the database's unique-title violation into a 409, even when two requests race."""
-    try:
-        yield
-    except IntegrityError as exc:
-        if "title" not in str(exc.orig):
-            raise
-        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=TITLE_TAKEN) from exc
+def unique_title() -> AbstractContextManager[None]:
+    """Around a commit: a title another item already has is a 409 (the database's constraint decides)."""
+    return duplicate_is_conflict("title", TITLE_TAKEN)
 
 
 def example(description: str, detail: str) -> dict[str, Any]:

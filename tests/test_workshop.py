@@ -1,0 +1,353 @@
+"""The docs cannot drift from the code: every command and response in README.md and WORKSHOP.md is checked here.
+
+The convention, for whoever writes these documents (machinery: tests/docs_check.py; to see what a document's
+commands print today, run `python -m tests.docs_check WORKSHOP.md`, add `--postgresql` for its PostgreSQL steps):
+
+- ```console blocks: a line starting with `$ ` is a command; lines starting with `> ` right after it continue
+  it (as bash shows a heredoc); the lines up to the next `$ ` are what it prints. ```bash (sh, shell) blocks
+  hold commands only, one per line: they are run the same way, their output is not compared.
+- Each document runs top to bottom in a fresh copy of the repository (so `./items.db` starts empty and ids
+  start at 1), with bash, the venv's bin first on PATH (`.venv/bin/` also means it), none of the app's
+  settings in the environment, and `localhost:8000` / `127.0.0.1:8000` pointing at the test's server. Every
+  command must exit 0 within 60 s.
+- Output: expected output that is JSON is compared as JSON: field order ignored, a timestamp matches any
+  timestamp. Other output line by line: a line that is JSON is compared as JSON; a line that is just `...`
+  stands for any number of lines; `...` inside a line for any text; timestamps (ISO 8601, also with a space
+  or a comma, and HTTP dates) match any timestamp. Use `curl -s`, or `curl -si` when headers matter.
+- `uvicorn main:app` (or `.venv/bin/uvicorn main:app`), alone or after settings (`DATABASE_ECHO=1 ...`;
+  names from core/config.py; SQLite URLs as `sqlite[+aiosqlite]:///./NAME.db`), is not run as written: the
+  test stops its server and starts this one in the copy, on a free loopback port, access log on; the output
+  shown must be how its log begins. A command that talks to port 8000 before any server start gets a plain
+  `uvicorn main:app`. Any other way to start a server (`fastapi dev`, `--reload`) fails the test.
+- ```server-log blocks: lines that must appear, in order and together, in the running server's log.
+- ```diff blocks, as `git diff` prints them (`--- a/main.py`, `+++ b/main.py`), are applied to the copy
+  with `git apply`: servers started after them run the patched code.
+- PostgreSQL: a block that mentions postgres, createdb, dropdb or psql, or that talks to a server started by
+  such a block, runs in a second pass, only when TEST_DATABASE_URL points at postgres@127.0.0.1:5432 (as
+  in CI). Databases named by createdb/dropdb or by a server's DATABASE_URL get fresh names, dropped after.
+- The test suite command, `python -m pytest` or `.venv/bin/python -m pytest` (.ci/run's), optionally after
+  TEST_DATABASE_URL=..., is never run from here; its output may show `...` lines and the `databases:` line,
+  which must be the one tests/conftest.py prints for that command.
+- Setup commands (`python3 -m venv .venv`, `source .venv/bin/activate`, `pip install -r requirements.txt`,
+  also joined with &&) are not run: the tests run in that environment, whose versions must be the pinned
+  ones. Show their output as `...` or not at all.
+- ```python blocks whose first line is `# path/of/file.py` must appear verbatim in that file (without that
+  first line): quoted code cannot drift.
+"""
+
+import importlib.util
+import re
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from core.config import Settings
+from core.db import create_db_and_tables, create_db_engine, dispose_engine, get_session
+from tests import conftest
+from tests.conftest import BACKENDS, new_database
+from tests.docs_check import (
+    ROOT,
+    Block,
+    DocRun,
+    apply_diff,
+    iter_commands,
+    kind,
+    patched_file,
+    postgresql_blocks,
+    postgresql_unavailable,
+    quoted_code,
+    new_file,
+    quoted_file,
+    write_new_file,
+    read_blocks,
+    read_commands,
+    same_output,
+    server_problems,
+    split_environment,
+    suite_command,
+)
+
+DOCUMENTS = ["README.md", "WORKSHOP.md"]
+WORKSHOP = ROOT / "WORKSHOP.md"
+TAGS_LINES = ["from tags import tag", "    app.include_router(tag.router)"]
+
+
+def document_path(name: str) -> Path:
+    path = ROOT / name
+    if not path.exists():
+        pytest.skip(f"{name} not written yet")
+    return path
+
+
+def passes(name: str) -> list[str]:
+    """The runs a document needs: "sqlite" for its steps, "postgresql" for its PostgreSQL steps, if any."""
+    path = ROOT / name
+    if not path.exists():
+        return ["sqlite"]
+    blocks = read_blocks(path)
+    steps = [needs for block, needs in zip(blocks, postgresql_blocks(blocks)) if read_commands(block)]
+    return [run for run, wanted in (("sqlite", False), ("postgresql", True)) if wanted in steps] or ["sqlite"]
+
+
+# --- Running the documents ---
+
+
+DOCUMENT_RUNS = [(name, database) for name in DOCUMENTS for database in passes(name)]
+
+
+@pytest.mark.parametrize(
+    "name, database", DOCUMENT_RUNS, ids=[f"{name}-{database}" for name, database in DOCUMENT_RUNS]
+)
+def test_console_blocks_print_what_the_document_shows(name: str, database: str, tmp_path: Path) -> None:
+    document = document_path(name)
+    if database == "postgresql" and (reason := postgresql_unavailable()):
+        pytest.skip(reason)
+
+    run = DocRun(document, tmp_path, postgresql=database == "postgresql")
+    run.run()
+
+    assert run.commands_run > 0, f"{name} has no console commands to run"
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_every_command_is_run_or_is_one_the_tests_stand_in_for(name: str) -> None:
+    problems = []
+    for _block, command in iter_commands(document_path(name)):
+        what = kind(command.text)
+        if what == "server":
+            problems += [f"{command.where}: {problem}" for problem in server_problems(command.text)]
+        elif what == "suite":
+            problems += [
+                f"{command.where}: {problem}" for problem in suite_problems(command.text, command.expected or [])
+            ]
+        elif what == "setup":
+            if any(line.strip() not in ("", "...") for line in command.expected or []):
+                problems.append(f"{command.where}: show the output of a setup command as `...`, it is not run")
+        else:
+            hosts = re.findall(r"https?://([^/:\s'\"]+)", command.text)
+            problems += [f"{command.where}: {host} is not loopback" for host in hosts if host not in LOOPBACK]
+    assert not problems, "\n".join(problems)
+
+
+LOOPBACK = {"localhost", "127.0.0.1"}
+
+
+def suite_problems(command: str, expected: list[str]) -> list[str]:
+    environment, rest = split_environment(command)
+    ci = suite_command()
+    problems = []
+    if rest not in (ci, ci.removeprefix(".venv/bin/")):
+        problems.append(f"run the whole suite as .ci/run does: `{ci}` (or `python -m pytest` in the activated venv)")
+    if set(environment) - {"TEST_DATABASE_URL"}:
+        problems.append("only TEST_DATABASE_URL may be set for the test suite")
+    header = report_header("TEST_DATABASE_URL" in environment)
+    for line in expected:
+        if line.startswith("databases:") and line != header:
+            problems.append(f"the suite prints {header!r} here, not {line!r}")
+        elif "..." not in line and not line.startswith("databases:"):
+            problems.append(f"the suite's output is not checked: show {line!r} as `...`")
+    return problems
+
+
+def report_header(with_postgresql: bool) -> str:
+    """The `databases:` line tests/conftest.py prints, with or without TEST_DATABASE_URL."""
+    saved = conftest.TEST_DATABASE_URL
+    conftest.TEST_DATABASE_URL = "postgresql://set" if with_postgresql else None
+    try:
+        return conftest.pytest_report_header()
+    finally:
+        conftest.TEST_DATABASE_URL = saved
+
+
+def test_the_installed_packages_are_the_versions_requirements_txt_pins() -> None:
+    pins = re.findall(r"^([\w.-]+)(?:\[[\w,]+\])?==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    assert pins
+    wrong = {name: (pinned, version(name)) for name, pinned in pins if version(name) != pinned}
+    assert not wrong, f"installed versions differ from requirements.txt (pinned, installed): {wrong}"
+
+
+# --- Quoted code ---
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_python_quoted_from_a_file_appears_verbatim_in_that_file(name: str) -> None:
+    problems = []
+    for block in read_blocks(document_path(name)):
+        path = quoted_file(block)
+        if path is None:
+            continue
+        if not (ROOT / path).is_file():
+            problems.append(f"{block.where}: quotes {path}, which does not exist")
+        elif quoted_code(block) not in (ROOT / path).read_text():
+            problems.append(f"{block.where}: this is no longer what {path} says")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_diffs_in_the_document_apply_to_the_files_they_patch(name: str, tmp_path: Path) -> None:
+    diffs = [block for block in read_blocks(document_path(name)) if block.info == "diff"]
+    for block in diffs:
+        target = patched_file(block)
+        assert target, f"{block.where}: a diff block needs a `+++ b/FILE` header"
+        copy = tmp_path / target
+        if not copy.exists():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text((ROOT / target).read_text())
+        apply_diff(block, tmp_path)
+
+
+def test_the_workshop_quotes_the_code_it_explains() -> None:
+    quotes = [(quoted_file(block), quoted_code(block)) for block in read_blocks(WORKSHOP) if quoted_file(block)]
+    quoted = {path for path, _ in quotes}
+    assert {"main.py", "items/item.py", "core/db.py", "tests/conftest.py"} <= quoted
+    assert [new_file(block) for block in read_blocks(WORKSHOP) if new_file(block)] == ["tags/tag.py"]
+    text = "\n".join(code for _, code in quotes)
+    for name in ("def read_item(", "async def read_item_async(", "def get_session(", "async def get_async_session("):
+        assert name in text, f"step 8 quotes {name}"
+
+
+def test_readme_links_the_workshop() -> None:
+    readme = document_path("README.md").read_text()
+    assert re.search(r"\]\((\./)?WORKSHOP\.md(#[^)]*)?\)", readme), "README.md has no link to WORKSHOP.md"
+
+
+# --- The comparison itself, so a document cannot pass by accident ---
+
+
+@pytest.mark.parametrize(
+    "expected, actual, same",
+    [
+        (['{"id": 1, "t": "2026-11-25T09:30:00Z"}'], '{"t":"2027-01-01T00:00:00.123456Z","id":1}', True),
+        (['{"id": 1}'], '{"id": 2}', False),
+        (['{"id": 1}'], '{"id": 1, "extra": true}', False),
+        (['{"t": "2026-11-25T09:30:00Z"}'], '{"t": "soon"}', False),
+        (
+            ["HTTP/1.1 201 Created", "...", "location: /items/1", "", '{"id": 1}'],
+            'HTTP/1.1 201 Created\r\ndate: x\r\nlocation: /items/1\r\n\r\n{"id":1}',
+            True,
+        ),
+        (["HTTP/1.1 201 Created", "...", "location: /items/1"], "HTTP/1.1 200 OK\r\nlocation: /items/1", False),
+        (["INFO:     Started server process [...]"], "INFO:     Started server process [4242]", True),
+        (["2026-11-25 14:10:00,000 INFO BEGIN"], "2031-01-02 03:04:05,678 INFO BEGIN", True),
+        (["2026-11-25 14:10:00,000 INFO BEGIN"], "2031-01-02 03:04:05,678 INFO COMMIT", False),
+        (["one", "..."], "one\ntwo\nthree", True),
+        (["one"], "one\ntwo", False),
+        ([], "", True),
+        ([], "something", False),
+    ],
+    ids=[
+        "json-ignores-field-order-and-matches-any-timestamp",
+        "json-value-differs",
+        "json-extra-field",
+        "json-timestamp-only-matches-a-timestamp",
+        "headers-with-an-ellipsis-line-and-a-json-body",
+        "status-line-differs",
+        "ellipsis-inside-a-line",
+        "log-timestamps-match-any-timestamp",
+        "log-text-differs",
+        "ellipsis-line-matches-the-rest",
+        "an-extra-line-is-a-difference",
+        "no-output-shown-and-none-printed",
+        "no-output-shown-but-some-printed",
+    ],
+)
+def test_output_comparison_follows_the_convention(expected: list[str], actual: str, same: bool) -> None:
+    assert same_output(expected, actual) is same
+
+
+# --- Step 7: the tags feature, added to main.py exactly as the workshop says ---
+
+
+def tags_diff() -> Block:
+    return next(block for block in read_blocks(WORKSHOP) if block.info == "diff" and patched_file(block) == "main.py")
+
+
+def load_main_with_tags(directory: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """main.py with the workshop's diff applied and tags/tag.py written from its text, imported under another name."""
+    (directory / "main.py").write_text((ROOT / "main.py").read_text())
+    apply_diff(tags_diff(), directory)
+    for block in read_blocks(WORKSHOP):
+        if new_file(block):
+            write_new_file(block, directory)
+    monkeypatch.syspath_prepend(str(directory))
+    spec = importlib.util.spec_from_file_location("main_with_tags", directory / "main.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_workshop_adds_tags_with_an_import_and_one_include_router_line() -> None:
+    added = [line[1:] for line in tags_diff().lines if line.startswith("+") and not line.startswith("+++")]
+    assert added == TAGS_LINES
+
+
+@pytest.fixture(params=BACKENDS)
+def tags_client(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TestClient]:
+    """The app built by main.py's create_app() with the workshop's two lines, on a fresh test database."""
+    app = load_main_with_tags(tmp_path, monkeypatch).create_app(async_mode=False)
+    with new_database("sync", request.param) as database:
+        engine = create_db_engine(Settings(database_url=database.url))
+
+        def get_test_session() -> Iterator[Session]:
+            with Session(engine, expire_on_commit=False) as session:  # type: ignore[arg-type]
+                yield session
+
+        app.dependency_overrides[get_session] = get_test_session
+        with TestClient(app, raise_server_exceptions=False) as client:
+            client.portal.call(create_db_and_tables, engine)  # type: ignore[union-attr]
+            yield client
+            client.portal.call(dispose_engine, engine)  # type: ignore[union-attr]
+
+
+def test_creating_a_tag_returns_201_with_the_tag_and_its_location(tags_client: TestClient) -> None:
+    response = tags_client.post("/tags/", json={"name": "home"})
+
+    assert response.status_code == 201
+    tag = response.json()
+    assert tag == {"id": tag["id"], "name": "home"} and isinstance(tag["id"], int)
+    assert response.headers["location"] == f"/tags/{tag['id']}"
+
+
+def test_a_duplicate_tag_name_returns_409_and_stores_nothing(tags_client: TestClient) -> None:
+    tags_client.post("/tags/", json={"name": "home"})
+
+    response = tags_client.post("/tags/", json={"name": "home"})
+
+    assert response.status_code == 409
+    assert response.json() == {"detail": "A tag with this name already exists"}
+    assert [tag["name"] for tag in tags_client.get("/tags/").json()] == ["home"]
+
+
+def test_tags_are_listed_ordered_by_id(tags_client: TestClient) -> None:
+    ids = [tags_client.post("/tags/", json={"name": name}).json()["id"] for name in ("work", "home", "urgent")]
+
+    response = tags_client.get("/tags/")
+
+    assert response.status_code == 200
+    assert [(tag["id"], tag["name"]) for tag in response.json()] == sorted(zip(ids, ["work", "home", "urgent"]))
+
+
+def test_reading_a_tag_returns_it_and_a_missing_one_404(tags_client: TestClient) -> None:
+    tag = tags_client.post("/tags/", json={"name": "home"}).json()
+
+    assert tags_client.get(f"/tags/{tag['id']}").json() == tag
+    missing = tags_client.get("/tags/999999")
+    assert missing.status_code == 404 and missing.json() == {"detail": "Tag not found"}
+
+
+@pytest.mark.parametrize("name, status", [("", 422), ("t" * 50, 201), ("t" * 51, 422), ("nul\u0000", 422)])
+def test_a_tag_name_has_1_to_50_characters(tags_client: TestClient, name: str, status: int) -> None:
+    assert tags_client.post("/tags/", json={"name": name}).status_code == status
+
+
+def test_items_still_work_next_to_tags(tags_client: TestClient) -> None:
+    assert tags_client.post("/items/", json={"title": "Buy milk"}).status_code == 201
+    assert tags_client.post("/tags/", json={"name": "Buy milk"}).status_code == 201
