@@ -117,6 +117,7 @@ def test_swagger_ui_renders_every_operation_in_a_headless_browser(tmp_path: Path
                 "--dump-dom",
                 f"{server.url}/docs",
             ],
+            check=False,
             capture_output=True,
             text=True,
             timeout=60,

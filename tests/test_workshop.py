@@ -57,19 +57,19 @@ from tests.docs_check import (
     apply_diff,
     iter_commands,
     kind,
+    new_file,
     patched_file,
     postgresql_blocks,
     postgresql_unavailable,
     quoted_code,
-    new_file,
     quoted_file,
-    write_new_file,
     read_blocks,
     read_commands,
     same_output,
     server_problems,
     split_environment,
     suite_command,
+    write_new_file,
 )
 
 DOCUMENTS = ["README.md", "WORKSHOP.md"]
