@@ -26,7 +26,7 @@ import psycopg
 from sqlalchemy import make_url
 
 from core.config import Settings
-from tests.live import ROOT, Server, free_port
+from tests.live import ROOT, Server
 
 BIN = Path(sys.executable).parent
 READER_PORT = 8000
@@ -356,14 +356,7 @@ class DocServer(Server):
     """tests/live.py's Server, started as the reader starts it: `uvicorn main:app` with its access log, in `cwd`."""
 
     def __init__(self, cwd: Path, environment: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
-        # As in tests/live.py, the log file lives as long as the server.
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            command, cwd=cwd, env=environment, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        super().__init__(None, cwd=cwd, access_log=True, base_env=environment)
 
     def reader_log(self) -> str:
         """The log as the reader's terminal shows it: a server on port 8000."""

@@ -4,6 +4,7 @@ Everything listens on 127.0.0.1 only, and every wait here is bounded.
 """
 
 import asyncio
+import fcntl
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -30,21 +32,45 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def append_only_log() -> IO[str]:
+    """A temporary file for a server's log (a full pipe would block the server).
+
+    Opened for appending (O_APPEND), so reading it from the start never moves where the server writes.
+    """
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - it lives as long as the server
+    flags = fcntl.fcntl(log.fileno(), fcntl.F_GETFL)
+    fcntl.fcntl(log.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
+    return log
+
+
 class Server:
     """`uvicorn main:app` in its own process, on a free loopback port."""
 
-    def __init__(self, database_url: str, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str | None,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        access_log: bool = False,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--no-access-log", "--timeout-graceful-shutdown", "10"]
+        command += [] if access_log else ["--no-access-log"]
+        command += ["--timeout-graceful-shutdown", "10"]
         if workers > 1:
             command += ["--workers", str(workers)]
-        environment = {**os.environ, "DATABASE_URL": database_url, **(env or {})}
+        environment = {**(os.environ if base_env is None else base_env), **(env or {})}
         environment.pop("TEST_DATABASE_URL", None)
-        # The log goes to a file: a full pipe would block the server.
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=self.log, stderr=subprocess.STDOUT)
+        if database_url is not None:
+            environment["DATABASE_URL"] = database_url
+        self.log = append_only_log()
+        self.process = subprocess.Popen(
+            command, cwd=cwd, env=environment, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
     def wait_until_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
