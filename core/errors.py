@@ -8,7 +8,7 @@ from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from core.db import DATABASE_DOWN_ERRORS
 
@@ -42,9 +42,11 @@ def error(status_code: int, detail: str) -> JSONResponse:
 
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
     """Map a database error to a status code; the log gets the error's type, the client a plain detail."""
-    if isinstance(exc, DATABASE_DOWN_ERRORS) or (
-        isinstance(exc, DBAPIError) and (exc.connection_invalidated or is_disconnect(exc))
-    ):
+    # OperationalError and InterfaceError are how the drivers report a refused or lost connection.
+    lost = isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+    if lost or isinstance(exc, DATABASE_DOWN_ERRORS):
         logger.warning("%s %s: database unavailable (%s)", request.method, request.url.path, type(exc).__name__)
         return error(503, DATABASE_UNAVAILABLE)
     if isinstance(exc, IntegrityError):
@@ -53,11 +55,6 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
         return error(400, "A value was rejected by the database")
     logger.exception("%s %s: database error", request.method, request.url.path)
     return error(500, "Internal Server Error")
-
-
-def is_disconnect(exc: DBAPIError) -> bool:
-    # OperationalError and InterfaceError are how the drivers report a refused or lost connection.
-    return type(exc).__name__ in ("OperationalError", "InterfaceError")
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
