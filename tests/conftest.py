@@ -34,6 +34,7 @@ from core.db import (
     get_session,
 )
 from main import create_app
+from tests import live
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 
@@ -66,8 +67,7 @@ class Database:
 
 
 def admin_connection() -> psycopg.Connection:
-    url = make_url(TEST_DATABASE_URL).set(drivername="postgresql")
-    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+    return live.admin_connection(str(TEST_DATABASE_URL))
 
 
 @contextmanager
@@ -158,10 +158,12 @@ async def scalar(engine: Engine | AsyncEngine, sql: str) -> object:
         return connection.execute(text(sql)).scalar()
 
 
-def app_for(database: Database, create: bool = True, **client_options: object) -> Iterator[App]:
+def app_for(
+    database: Database, create: bool = True, app: FastAPI | None = None, **client_options: object
+) -> Iterator[App]:
     """The app in the database's mode, its sessions on that database; `create` makes the tables first."""
     engine = create_db_engine(Settings(database_url=database.url))
-    app = create_app(async_mode=database.is_async)
+    app = app or create_app(async_mode=database.is_async)
 
     def get_test_session() -> Iterator[Session]:
         with Session(engine, expire_on_commit=False) as session:  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ import psycopg
 from sqlalchemy import make_url
 
 from core.config import Settings
+from tests import live
 from tests.live import ROOT, Server
 
 BIN = Path(sys.executable).parent
@@ -535,8 +536,7 @@ def postgresql_unavailable() -> str | None:
 
 
 def admin_connection() -> psycopg.Connection:
-    url = make_url(os.environ["TEST_DATABASE_URL"]).set(drivername="postgresql")
-    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+    return live.admin_connection(os.environ["TEST_DATABASE_URL"])
 
 
 def main(arguments: list[str]) -> int:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import psycopg
+from sqlalchemy import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,3 +240,21 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def admin_connection(database_url: str, database: str | None = None) -> psycopg.Connection:
+    """An autocommit psycopg connection to the server of `database_url` (to `database` if given)."""
+    url = make_url(database_url).set(drivername="postgresql")
+    if database is not None:
+        url = url.set(database=database)
+    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+
+
+def busy_connections(database_url: str) -> int | None:
+    """Connections to the database that are in a transaction or a query (PostgreSQL only, else None)."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        return None
+    with admin_connection(database_url, database="postgres") as admin:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'"
+        return admin.execute(query, (url.database,)).fetchone()[0]

@@ -14,21 +14,9 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-import psycopg
 from sqlalchemy import make_url
 
-from tests.live import mixed_load, rss_kib, running_server
-
-
-def busy_connections(database_url: str) -> int | None:
-    """Connections to the database that are in a transaction or a query (PostgreSQL only)."""
-    url = make_url(database_url)
-    if url.get_backend_name() != "postgresql":
-        return None
-    admin = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin) as connection:
-        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'"
-        return connection.execute(query, (url.database,)).fetchone()[0]
+from tests.live import busy_connections, mixed_load, rss_kib, running_server
 
 
 def main() -> None:

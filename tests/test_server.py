@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import Database, admin_connection, new_database
-from tests.live import Server, TcpProxy, mixed_load, running_server
+from tests.conftest import Database, new_database
+from tests.live import Server, TcpProxy, busy_connections, mixed_load, running_server
 
 POOL = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "10"}
 
@@ -40,21 +40,12 @@ def test_concurrent_creates_with_the_same_title_give_exactly_one_201(server_data
     assert total == "1"
 
 
-def busy_connections(database: Database) -> int:
-    """Connections of the app to its PostgreSQL database that are inside a transaction or a query."""
-    with admin_connection() as admin:
-        return admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'",
-            (database.url.rsplit("/", 1)[1],),
-        ).fetchone()[0]
-
-
 def test_200_concurrent_clients_above_the_pool_size_all_get_answers_without_5xx(server_database: Database) -> None:
     with running_server(server_database.url, env=POOL) as server:
         result = asyncio.run(mixed_load(server.url, clients=200, total_requests=1200, seconds=90))
         assert httpx.get(f"{server.url}/health").status_code == 200
         if server_database.backend == "postgresql":
-            assert busy_connections(server_database) == 0
+            assert busy_connections(server_database.url) == 0
 
     assert sum(result.statuses.values()) == 1200
     assert set(result.statuses) == {200, 201, 404, 409, 422}, result.statuses

@@ -44,12 +44,9 @@ from types import ModuleType
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session
 
-from core.config import Settings
-from core.db import create_db_and_tables, create_db_engine, dispose_engine, get_session
 from tests import conftest
-from tests.conftest import BACKENDS, new_database
+from tests.conftest import BACKENDS, app_for, new_database
 from tests.docs_check import (
     ROOT,
     Block,
@@ -294,17 +291,8 @@ def tags_client(
     """The app built by main.py's create_app() with the workshop's two lines, on a fresh test database."""
     app = load_main_with_tags(tmp_path, monkeypatch).create_app(async_mode=False)
     with new_database("sync", request.param) as database:
-        engine = create_db_engine(Settings(database_url=database.url))
-
-        def get_test_session() -> Iterator[Session]:
-            with Session(engine, expire_on_commit=False) as session:  # type: ignore[arg-type]
-                yield session
-
-        app.dependency_overrides[get_session] = get_test_session
-        with TestClient(app, raise_server_exceptions=False) as client:
-            client.portal.call(create_db_and_tables, engine)  # type: ignore[union-attr]
-            yield client
-            client.portal.call(dispose_engine, engine)  # type: ignore[union-attr]
+        for tested in app_for(database, app=app, raise_server_exceptions=False):
+            yield tested.client
 
 
 def test_creating_a_tag_returns_201_with_the_tag_and_its_location(tags_client: TestClient) -> None:
