@@ -10,7 +10,7 @@ import anyio
 from fastapi import Depends
 from sqlalchemy import Connection, DateTime, Engine, event, make_url, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -52,8 +52,6 @@ def engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     }
     if url.get_backend_name() == "sqlite":
         return options | {"connect_args": {"check_same_thread": False}}
-    # A pooled connection may have died (database restart, network cut): test it before each use.
-    options["pool_pre_ping"] = True
     if url.get_driver_name() == "asyncpg":
         connect_args: dict[str, Any] = {"timeout": settings.db_connect_timeout}
         if not settings.db_prepared_statements:
@@ -61,6 +59,9 @@ def engine_options(url: URL, settings: Settings) -> dict[str, Any]:
             # may not exist: with no statement cache, asyncpg and SQLAlchemy use unnamed statements only.
             connect_args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
     else:
+        # A pooled connection may have died (database restart, network cut): test it before each use.
+        # (asyncpg connections are tested by ping_asyncpg, below, in one round trip.)
+        options["pool_pre_ping"] = True
         connect_args = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
         if not settings.db_prepared_statements:
             connect_args["prepare_threshold"] = None
@@ -93,6 +94,19 @@ def rollback_leftover_transaction(dbapi_connection: Any, record: Any, reset: Any
         dbapi_connection.rollback()
 
 
+def ping_asyncpg(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Run as an asyncpg connection leaves the pool: what pool_pre_ping does, in one round trip.
+
+    SQLAlchemy's own asyncpg ping takes three (BEGIN, a query, ROLLBACK). One simple-protocol query
+    prepares no statement, so it is as safe behind PgBouncer.
+    """
+    try:
+        dbapi_connection.run_async(lambda connection: connection.execute("SELECT 1"))
+    except Exception as exc:
+        # As after a failed pre-ping: every pooled connection is presumed dead, and this one is replaced.
+        raise InvalidatePoolError("pre-ping failed") from exc
+
+
 def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
     """The driver in DATABASE_URL chooses the mode: +asyncpg and +aiosqlite give an async engine."""
     url = database_url(settings.database_url)
@@ -105,6 +119,8 @@ def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
         sync_engine = create_engine(url, **options)
     # The async engine runs on a sync one underneath, so these listeners serve both modes.
     event.listen(sync_engine.pool, "reset", rollback_leftover_transaction)
+    if url.get_driver_name() == "asyncpg":
+        event.listen(sync_engine.pool, "checkout", ping_asyncpg)
     if url.get_backend_name() == "sqlite":
         event.listen(sync_engine, "connect", sqlite_setup(settings))
     return async_engine or sync_engine

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from fastapi import HTTPException
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool, StaticPool
 
@@ -15,7 +15,7 @@ from core import db
 from core.config import Settings
 from core.db import AsyncSessionDep, SessionDep, UTCDateTime, create_db_engine, database_url, engine_options
 from items.item import Item
-from tests.conftest import App, Database, app_for
+from tests.conftest import App, Database, admin_connection, app_for, new_database
 
 # --- The session guarantees: every request returns its connection, and failures leave nothing behind ---
 
@@ -120,6 +120,30 @@ def test_http_exception_in_route_rolls_back_the_session(api: App) -> None:
 
 
 # --- A database that cannot be reached: 503, never a hang or a traceback ---
+
+
+@pytest.fixture(params=["sync", "async"])
+def postgresql_api(request: pytest.FixtureRequest, postgresql_required: None) -> Iterator[App]:
+    """The app on a fresh PostgreSQL database, with a real pool (not the tests' in-memory SQLite)."""
+    with new_database(request.param, "postgresql") as database:
+        yield from app_for(database, raise_server_exceptions=False)
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_before_use(postgresql_api: App) -> None:
+    client = postgresql_api.client
+    assert client.get("/items/").status_code == 200
+    assert postgresql_api.pool.checked_out == 0
+    # As in a database restart: the server ends every session of this database, pooled ones included.
+    with admin_connection() as admin:
+        ended = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (make_url(postgresql_api.database.url).database,),
+        ).fetchall()
+    assert ended
+
+    response = client.get("/items/")
+
+    assert response.status_code == 200, response.text
 
 
 @pytest.fixture(params=["sync", "async"])
