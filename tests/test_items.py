@@ -145,6 +145,15 @@ def test_list_items_returns_items_ordered_by_id_with_total_count(client: TestCli
     assert response.headers["x-total-count"] == "3"
 
 
+def test_list_items_shows_each_item_exactly_as_read_item_does(client: TestClient) -> None:
+    created = [create(client, "Plain"), create(client, "Described", description="Two litres")]
+    client.patch(f"/items/{created[0]['id']}", json={"description": "changed"})
+
+    listed = client.get("/items/").json()
+
+    assert listed == [client.get(f"/items/{item['id']}").json() for item in created]
+
+
 def test_list_items_pages_with_skip_and_limit_and_counts_all_rows(client: TestClient) -> None:
     ids = [create(client, f"item {n}")["id"] for n in range(5)]
 
