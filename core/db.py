@@ -2,6 +2,7 @@
 
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -60,7 +61,7 @@ def engine_options(url: URL, settings: Settings) -> dict[str, Any]:
             connect_args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
     else:
         # A pooled connection may have died (database restart, network cut): test it before each use.
-        # (asyncpg connections are tested by ping_asyncpg, below, in one round trip.)
+        # (asyncpg connections are tested by ping_asyncpg, below, in one round trip or none.)
         options["pool_pre_ping"] = True
         connect_args = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
         if not settings.db_prepared_statements:
@@ -94,12 +95,25 @@ def rollback_leftover_transaction(dbapi_connection: Any, record: Any, reset: Any
         dbapi_connection.rollback()
 
 
-def ping_asyncpg(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """Run as an asyncpg connection leaves the pool: what pool_pre_ping does, in one round trip.
+# A connection given back this recently, and still open, is not pinged again (HikariCP's rule, 500 ms).
+PING_AFTER_IDLE_SECONDS = 0.5
+
+
+def note_return(_dbapi_connection: Any, record: Any) -> None:
+    record.info["returned_at"] = time.monotonic()
+
+
+def ping_asyncpg(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Run as an asyncpg connection leaves the pool: what pool_pre_ping does, in one round trip or none.
 
     SQLAlchemy's own asyncpg ping takes three (BEGIN, a query, ROLLBACK). One simple-protocol query
-    prepares no statement, so it is as safe behind PgBouncer.
+    prepares no statement, so it is as safe behind PgBouncer. asyncpg keeps reading its socket, so a
+    connection the server closed (a restart) shows as closed without asking: under load, when every
+    connection comes back within milliseconds, that check is the whole ping.
     """
+    idle = time.monotonic() - record.info.get("returned_at", 0.0)
+    if idle < PING_AFTER_IDLE_SECONDS and not dbapi_connection.driver_connection.is_closed():
+        return
     try:
         dbapi_connection.run_async(lambda connection: connection.execute("SELECT 1"))
     except Exception as exc:
@@ -120,6 +134,7 @@ def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
     # The async engine runs on a sync one underneath, so these listeners serve both modes.
     event.listen(sync_engine.pool, "reset", rollback_leftover_transaction)
     if url.get_driver_name() == "asyncpg":
+        event.listen(sync_engine.pool, "checkin", note_return)
         event.listen(sync_engine.pool, "checkout", ping_asyncpg)
     if url.get_backend_name() == "sqlite":
         event.listen(sync_engine, "connect", sqlite_setup(settings))

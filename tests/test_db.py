@@ -1,6 +1,7 @@
 """core/db.py: the session guarantees, the engine options, and the database errors clients see."""
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi import HTTPException
 from sqlalchemy import Engine, make_url, text
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool, StaticPool
 
@@ -129,6 +131,53 @@ def postgresql_api(request: pytest.FixtureRequest, postgresql_required: None) ->
         yield from app_for(database, raise_server_exceptions=False)
 
 
+def wait_until_no_session_of(database: str | None, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    with admin_connection() as admin:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+        while admin.execute(query, (database,)).fetchone()[0] and time.monotonic() < deadline:  # type: ignore[index]
+            time.sleep(0.05)
+
+
+class FakeAsyncpgConnection:
+    """Stands in for SQLAlchemy's asyncpg adapter: counts the queries a ping sends, or fails them."""
+
+    def __init__(self, closed: bool = False, dead: bool = False) -> None:
+        self.closed, self.dead, self.queries = closed, dead, 0
+        self.driver_connection = self
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def run_async(self, _function: object) -> None:
+        self.queries += 1
+        if self.dead:
+            raise ConnectionResetError
+
+
+class FakeRecord:
+    def __init__(self, returned_seconds_ago: float | None) -> None:
+        self.info = {} if returned_seconds_ago is None else {"returned_at": time.monotonic() - returned_seconds_ago}
+
+
+@pytest.mark.parametrize(
+    "returned_seconds_ago, closed, queries",
+    [(0.01, False, 0), (0.01, True, 1), (2.0, False, 1), (None, False, 1)],
+    ids=["just-returned-and-open", "just-returned-but-closed", "idle", "never-returned"],
+)
+def test_asyncpg_ping_asks_the_server_only_about_idle_or_closed_connections(
+    returned_seconds_ago: float | None, closed: bool, queries: int
+) -> None:
+    connection = FakeAsyncpgConnection(closed=closed)
+    db.ping_asyncpg(connection, FakeRecord(returned_seconds_ago), None)
+    assert connection.queries == queries
+
+
+def test_asyncpg_ping_that_fails_invalidates_the_pool() -> None:
+    with pytest.raises(InvalidatePoolError):
+        db.ping_asyncpg(FakeAsyncpgConnection(dead=True), FakeRecord(2.0), None)
+
+
 def test_a_pooled_connection_the_server_closed_is_replaced_before_use(postgresql_api: App) -> None:
     client = postgresql_api.client
     assert client.get("/items/").status_code == 200
@@ -140,6 +189,7 @@ def test_a_pooled_connection_the_server_closed_is_replaced_before_use(postgresql
             (make_url(postgresql_api.database.url).database,),
         ).fetchall()
     assert ended
+    wait_until_no_session_of(make_url(postgresql_api.database.url).database)
 
     response = client.get("/items/")
 
