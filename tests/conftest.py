@@ -183,6 +183,13 @@ def app_for(
         client.portal.call(dispose_engine, engine)  # type: ignore[union-attr]
 
 
+def create(client: TestClient, title: str = "Buy milk", **fields: object) -> dict:
+    """Create an item through the API and return it (a 201 is asserted)."""
+    response = client.post("/items/", json={"title": title, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 @pytest.fixture
 def api(database: Database) -> Iterator[App]:
     """The app in every mode, with a fresh database; server errors come back as 500 responses."""

@@ -180,16 +180,17 @@ def test_asyncpg_ping_that_fails_invalidates_the_pool() -> None:
 
 def test_a_pooled_connection_the_server_closed_is_replaced_before_use(postgresql_api: App) -> None:
     client = postgresql_api.client
+    database = make_url(postgresql_api.database.url).database
     assert client.get("/items/").status_code == 200
     assert postgresql_api.pool.checked_out == 0
     # As in a database restart: the server ends every session of this database, pooled ones included.
     with admin_connection() as admin:
         ended = admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-            (make_url(postgresql_api.database.url).database,),
+            (database,),
         ).fetchall()
     assert ended
-    wait_until_no_session_of(make_url(postgresql_api.database.url).database)
+    wait_until_no_session_of(database)
 
     response = client.get("/items/")
 

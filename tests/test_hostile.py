@@ -11,7 +11,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import App
+from tests.conftest import App, create
 
 # Words that would show a database error, a driver or a traceback reaching the client.
 LEAKS = ("SELECT", "INSERT", "UPDATE item", "Traceback", "sqlalchemy", "psycopg", "asyncpg")
@@ -42,12 +42,6 @@ def assert_safe_error(response: httpx.Response) -> None:
     assert "detail" in response.json()
     leaked = [word for word in LEAKS if word in response.text]
     assert not leaked, f"{leaked} in {response.status_code} {response.text[:300]}"
-
-
-def create(client: TestClient, title: str, **fields: object) -> dict:
-    response = client.post("/items/", json={"title": title, **fields})
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 # --- A bounded schemathesis run over the OpenAPI schema ---

@@ -8,11 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-
-def create(client: TestClient, title: str = "Buy milk", **fields: object) -> dict:
-    response = client.post("/items/", json={"title": title, **fields})
-    assert response.status_code == 201, response.text
-    return response.json()
+from tests.conftest import create
 
 
 def parse_utc(value: str) -> datetime:
