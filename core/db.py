@@ -1,6 +1,7 @@
 """The database: one engine per process, one session per request, in sync or async mode."""
 
 import logging
+import selectors
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -60,9 +61,6 @@ def engine_options(url: URL, settings: Settings) -> dict[str, Any]:
             # may not exist: with no statement cache, asyncpg and SQLAlchemy use unnamed statements only.
             connect_args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
     else:
-        # A pooled connection may have died (database restart, network cut): test it before each use.
-        # (asyncpg connections are tested by ping_asyncpg, below, in one round trip or none.)
-        options["pool_pre_ping"] = True
         connect_args = {"connect_timeout": max(2, round(settings.db_connect_timeout))}
         if not settings.db_prepared_statements:
             connect_args["prepare_threshold"] = None
@@ -103,22 +101,40 @@ def note_return(_dbapi_connection: Any, record: Any) -> None:
     record.info["returned_at"] = time.monotonic()
 
 
-def ping_asyncpg(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    """Run as an asyncpg connection leaves the pool: what pool_pre_ping does, in one round trip or none.
+def closed_by_server(driver_connection: Any) -> bool:
+    """Whether the server has ended this idle connection, known without asking it."""
+    if hasattr(driver_connection, "is_closed"):
+        # asyncpg keeps reading its socket, so a connection the server closed shows as closed at once.
+        return driver_connection.is_closed()
+    if driver_connection.closed:
+        return True
+    # psycopg reads only when asked. An idle connection has nothing to read unless the server has spoken
+    # since, and then it most often said goodbye (a restart, pg_terminate_backend): worth a real ping.
+    with selectors.DefaultSelector() as selector:
+        selector.register(driver_connection.fileno(), selectors.EVENT_READ)
+        return bool(selector.select(timeout=0))
 
-    SQLAlchemy's own asyncpg ping takes three (BEGIN, a query, ROLLBACK). One simple-protocol query
-    prepares no statement, so it is as safe behind PgBouncer. asyncpg keeps reading its socket, so a
-    connection the server closed (a restart) shows as closed without asking: under load, when every
-    connection comes back within milliseconds, that check is the whole ping.
-    """
-    idle = time.monotonic() - record.info.get("returned_at", 0.0)
-    if idle < PING_AFTER_IDLE_SECONDS and not dbapi_connection.driver_connection.is_closed():
-        return
-    try:
-        dbapi_connection.run_async(lambda connection: connection.execute("SELECT 1"))
-    except Exception as exc:
-        # As after a failed pre-ping: every pooled connection is presumed dead, and this one is replaced.
-        raise InvalidatePoolError("pre-ping failed") from exc
+
+def ping_asyncpg(dbapi_connection: Any) -> None:
+    """One simple-protocol SELECT 1: SQLAlchemy's own asyncpg ping takes three round trips (BEGIN, a query,
+    ROLLBACK). It prepares no statement, so it is as safe behind PgBouncer."""
+    dbapi_connection.run_async(lambda connection: connection.execute("SELECT 1"))
+
+
+def pre_ping(ping: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
+    def ping_unless_just_returned(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        """Run as a connection leaves the pool: what pool_pre_ping does, with no round trip for a connection
+        given back moments ago and still open. Under load that is every connection, so the ping is free."""
+        idle = time.monotonic() - record.info.get("returned_at", 0.0)
+        if idle < PING_AFTER_IDLE_SECONDS and not closed_by_server(record.driver_connection):
+            return
+        try:
+            ping(dbapi_connection)
+        except Exception as exc:
+            # As after a failed pre-ping: every pooled connection is presumed dead, and this one is replaced.
+            raise InvalidatePoolError("pre-ping failed") from exc
+
+    return ping_unless_just_returned
 
 
 def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
@@ -133,9 +149,11 @@ def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
         sync_engine = create_engine(url, **options)
     # The async engine runs on a sync one underneath, so these listeners serve both modes.
     event.listen(sync_engine.pool, "reset", rollback_leftover_transaction)
-    if url.get_driver_name() == "asyncpg":
+    if url.get_backend_name() == "postgresql":
+        # A pooled connection may have died (database restart, network cut): test it before use.
+        ping = ping_asyncpg if url.get_driver_name() == "asyncpg" else sync_engine.dialect.do_ping
         event.listen(sync_engine.pool, "checkin", note_return)
-        event.listen(sync_engine.pool, "checkout", ping_asyncpg)
+        event.listen(sync_engine.pool, "checkout", pre_ping(ping))
     if url.get_backend_name() == "sqlite":
         event.listen(sync_engine, "connect", sqlite_setup(settings))
     return async_engine or sync_engine

@@ -1,6 +1,7 @@
 """core/db.py: the session guarantees, the engine options, and the database errors clients see."""
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -139,43 +140,77 @@ def wait_until_no_session_of(database: str | None, seconds: float = 5.0) -> None
             time.sleep(0.05)
 
 
-class FakeAsyncpgConnection:
-    """Stands in for SQLAlchemy's asyncpg adapter: counts the queries a ping sends, or fails them."""
+class AsyncpgConnection:
+    """Stands in for an asyncpg connection, which knows at once when the server has closed it."""
 
-    def __init__(self, closed: bool = False, dead: bool = False) -> None:
-        self.closed, self.dead, self.queries = closed, dead, 0
-        self.driver_connection = self
+    def __init__(self) -> None:
+        self.closed = False
 
     def is_closed(self) -> bool:
         return self.closed
 
-    def run_async(self, _function: object) -> None:
-        self.queries += 1
-        if self.dead:
-            raise ConnectionResetError
+    def close_from_server(self) -> None:
+        self.closed = True
 
 
-class FakeRecord:
-    def __init__(self, returned_seconds_ago: float | None) -> None:
+class PsycopgConnection:
+    """Stands in for a psycopg connection: a real socket, whose other end plays the server."""
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client, self.server = client, server
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.client.fileno()
+
+    def close_from_server(self) -> None:
+        self.server.close()
+
+
+class Record:
+    """Stands in for the pool's record of a connection: when it came back, and the driver's connection."""
+
+    def __init__(self, driver_connection: object, returned_seconds_ago: float | None) -> None:
+        self.driver_connection = driver_connection
         self.info = {} if returned_seconds_ago is None else {"returned_at": time.monotonic() - returned_seconds_ago}
 
 
+@pytest.fixture(params=["asyncpg", "psycopg"])
+def driver_connection(request: pytest.FixtureRequest) -> Iterator[AsyncpgConnection | PsycopgConnection]:
+    if request.param == "asyncpg":
+        yield AsyncpgConnection()
+        return
+    client, server = socket.socketpair()
+    with client, server:
+        yield PsycopgConnection(client, server)
+
+
 @pytest.mark.parametrize(
-    "returned_seconds_ago, closed, queries",
-    [(0.01, False, 0), (0.01, True, 1), (2.0, False, 1), (None, False, 1)],
+    "returned_seconds_ago, closed_by_server, pinged",
+    [(0.01, False, False), (0.01, True, True), (2.0, False, True), (None, False, True)],
     ids=["just-returned-and-open", "just-returned-but-closed", "idle", "never-returned"],
 )
-def test_asyncpg_ping_asks_the_server_only_about_idle_or_closed_connections(
-    returned_seconds_ago: float | None, closed: bool, queries: int
+def test_ping_asks_the_server_only_about_idle_or_closed_connections(
+    driver_connection: AsyncpgConnection | PsycopgConnection,
+    returned_seconds_ago: float | None,
+    closed_by_server: bool,
+    pinged: bool,
 ) -> None:
-    connection = FakeAsyncpgConnection(closed=closed)
-    db.ping_asyncpg(connection, FakeRecord(returned_seconds_ago), None)
-    assert connection.queries == queries
+    if closed_by_server:
+        driver_connection.close_from_server()
+    pings: list[object] = []
+
+    db.pre_ping(pings.append)("dbapi connection", Record(driver_connection, returned_seconds_ago), None)
+
+    assert pings == (["dbapi connection"] if pinged else [])
 
 
-def test_asyncpg_ping_that_fails_invalidates_the_pool() -> None:
+def test_ping_that_fails_invalidates_the_pool() -> None:
+    def dead(_dbapi_connection: object) -> None:
+        raise ConnectionResetError
+
     with pytest.raises(InvalidatePoolError):
-        db.ping_asyncpg(FakeAsyncpgConnection(dead=True), FakeRecord(2.0), None)
+        db.pre_ping(dead)("dbapi connection", Record(AsyncpgConnection(), 2.0), None)
 
 
 def test_a_pooled_connection_the_server_closed_is_replaced_before_use(postgresql_api: App) -> None:
@@ -270,12 +305,11 @@ def test_driver_in_the_url_chooses_the_mode(url: str, is_async: bool) -> None:
     assert isinstance(create_db_engine(Settings(database_url=url)), AsyncEngine) is is_async
 
 
-def test_postgresql_gets_pre_ping_pool_settings_and_connect_timeout() -> None:
+def test_postgresql_gets_pool_settings_and_connect_timeout() -> None:
     settings = Settings(db_pool_size=3, db_max_overflow=7, db_pool_timeout=9, db_connect_timeout=4)
 
     options = engine_options(database_url("postgresql://u@h/d"), settings)
 
-    assert options["pool_pre_ping"] is True
     assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (3, 7, 9)
     assert options["connect_args"] == {"connect_timeout": 4}
     assert engine_options(database_url("postgresql+asyncpg://u@h/d"), settings)["connect_args"] == {"timeout": 4}
