@@ -93,19 +93,20 @@ def rollback_leftover_transaction(dbapi_connection: Any, record: Any, reset: Any
         dbapi_connection.rollback()
 
 
-# A connection given back this recently, and still open, is not pinged again (HikariCP's rule, 500 ms).
+# A connection made or given back this recently, and still open, is not pinged (HikariCP's rule, 500 ms).
 PING_AFTER_IDLE_SECONDS = 0.5
 
 
-def note_return(_dbapi_connection: Any, record: Any) -> None:
-    record.info["returned_at"] = time.monotonic()
+def note_time(_dbapi_connection: Any, record: Any) -> None:
+    record.info["last_used"] = time.monotonic()
 
 
-def closed_by_server(driver_connection: Any) -> bool:
-    """Whether the server has ended this idle connection, known without asking it."""
-    if hasattr(driver_connection, "is_closed"):
-        # asyncpg keeps reading its socket, so a connection the server closed shows as closed at once.
-        return driver_connection.is_closed()
+def asyncpg_closed(driver_connection: Any) -> bool:
+    # asyncpg keeps reading its socket, so a connection the server closed shows as closed at once.
+    return driver_connection.is_closed()
+
+
+def psycopg_may_be_closed(driver_connection: Any) -> bool:
     if driver_connection.closed:
         return True
     # psycopg reads only when asked. An idle connection has nothing to read unless the server has spoken
@@ -121,12 +122,12 @@ def ping_asyncpg(dbapi_connection: Any) -> None:
     dbapi_connection.run_async(lambda connection: connection.execute("SELECT 1"))
 
 
-def pre_ping(ping: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
-    def ping_unless_just_returned(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+def pre_ping(ping: Callable[[Any], Any], may_be_closed: Callable[[Any], bool]) -> Callable[[Any, Any, Any], None]:
+    def ping_unless_just_used(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         """Run as a connection leaves the pool: what pool_pre_ping does, with no round trip for a connection
-        given back moments ago and still open. Under load that is every connection, so the ping is free."""
-        idle = time.monotonic() - record.info.get("returned_at", 0.0)
-        if idle < PING_AFTER_IDLE_SECONDS and not closed_by_server(record.driver_connection):
+        made or given back moments ago and still open. Under load that is every connection."""
+        idle = time.monotonic() - record.info.get("last_used", 0.0)
+        if idle < PING_AFTER_IDLE_SECONDS and not may_be_closed(record.driver_connection):
             return
         try:
             ping(dbapi_connection)
@@ -134,7 +135,13 @@ def pre_ping(ping: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
             # As after a failed pre-ping: every pooled connection is presumed dead, and this one is replaced.
             raise InvalidatePoolError("pre-ping failed") from exc
 
-    return ping_unless_just_returned
+    return ping_unless_just_used
+
+
+def ping_before_use(engine: Engine, ping: Callable[[Any], Any], may_be_closed: Callable[[Any], bool]) -> None:
+    for made_or_returned in ("connect", "checkin"):
+        event.listen(engine.pool, made_or_returned, note_time)
+    event.listen(engine.pool, "checkout", pre_ping(ping, may_be_closed))
 
 
 def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
@@ -149,11 +156,11 @@ def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
         sync_engine = create_engine(url, **options)
     # The async engine runs on a sync one underneath, so these listeners serve both modes.
     event.listen(sync_engine.pool, "reset", rollback_leftover_transaction)
-    if url.get_backend_name() == "postgresql":
-        # A pooled connection may have died (database restart, network cut): test it before use.
-        ping = ping_asyncpg if url.get_driver_name() == "asyncpg" else sync_engine.dialect.do_ping
-        event.listen(sync_engine.pool, "checkin", note_return)
-        event.listen(sync_engine.pool, "checkout", pre_ping(ping))
+    # A pooled connection may have died (database restart, network cut): it is tested before use.
+    if url.get_driver_name() == "asyncpg":
+        ping_before_use(sync_engine, ping_asyncpg, asyncpg_closed)
+    elif url.get_driver_name() == "psycopg":
+        ping_before_use(sync_engine, sync_engine.dialect.do_ping, psycopg_may_be_closed)
     if url.get_backend_name() == "sqlite":
         event.listen(sync_engine, "connect", sqlite_setup(settings))
     return async_engine or sync_engine

@@ -3,13 +3,14 @@
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from fastapi import HTTPException
 from sqlalchemy import Engine, make_url, text
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool, StaticPool
@@ -168,11 +169,11 @@ class PsycopgConnection:
 
 
 class Record:
-    """Stands in for the pool's record of a connection: when it came back, and the driver's connection."""
+    """Stands in for the pool's record of a connection: when it was last used, and the driver's connection."""
 
-    def __init__(self, driver_connection: object, returned_seconds_ago: float | None) -> None:
+    def __init__(self, driver_connection: object, used_seconds_ago: float | None) -> None:
         self.driver_connection = driver_connection
-        self.info = {} if returned_seconds_ago is None else {"returned_at": time.monotonic() - returned_seconds_ago}
+        self.info = {} if used_seconds_ago is None else {"last_used": time.monotonic() - used_seconds_ago}
 
 
 @pytest.fixture(params=["asyncpg", "psycopg"])
@@ -185,14 +186,20 @@ def driver_connection(request: pytest.FixtureRequest) -> Iterator[AsyncpgConnect
         yield PsycopgConnection(client, server)
 
 
+def checkout_test(driver_connection: object, ping: Callable[[object], object]) -> Callable[..., None]:
+    """The pool's checkout listener for this driver, with `ping` in place of the real one."""
+    may_be_closed = db.asyncpg_closed if isinstance(driver_connection, AsyncpgConnection) else db.psycopg_may_be_closed
+    return db.pre_ping(ping, may_be_closed)
+
+
 @pytest.mark.parametrize(
-    "returned_seconds_ago, closed_by_server, pinged",
+    "used_seconds_ago, closed_by_server, pinged",
     [(0.01, False, False), (0.01, True, True), (2.0, False, True), (None, False, True)],
-    ids=["just-returned-and-open", "just-returned-but-closed", "idle", "never-returned"],
+    ids=["just-used-and-open", "just-used-but-closed", "idle", "never-used"],
 )
 def test_ping_asks_the_server_only_about_idle_or_closed_connections(
     driver_connection: AsyncpgConnection | PsycopgConnection,
-    returned_seconds_ago: float | None,
+    used_seconds_ago: float | None,
     closed_by_server: bool,
     pinged: bool,
 ) -> None:
@@ -200,20 +207,77 @@ def test_ping_asks_the_server_only_about_idle_or_closed_connections(
         driver_connection.close_from_server()
     pings: list[object] = []
 
-    db.pre_ping(pings.append)("dbapi connection", Record(driver_connection, returned_seconds_ago), None)
+    checkout_test(driver_connection, pings.append)(
+        "dbapi connection", Record(driver_connection, used_seconds_ago), None
+    )
 
     assert pings == (["dbapi connection"] if pinged else [])
 
 
-def test_ping_that_fails_invalidates_the_pool() -> None:
+def test_psycopg_connection_it_knows_is_closed_is_pinged() -> None:
+    client, server = socket.socketpair()
+    with client, server:
+        connection = PsycopgConnection(client, server)
+        connection.closed = True
+        pings: list[object] = []
+
+        checkout_test(connection, pings.append)("dbapi connection", Record(connection, 0.01), None)
+
+    assert pings == ["dbapi connection"]
+
+
+def test_ping_that_fails_invalidates_the_pool(driver_connection: AsyncpgConnection | PsycopgConnection) -> None:
     def dead(_dbapi_connection: object) -> None:
         raise ConnectionResetError
 
     with pytest.raises(InvalidatePoolError):
-        db.pre_ping(dead)("dbapi connection", Record(AsyncpgConnection(), 2.0), None)
+        checkout_test(driver_connection, dead)("dbapi connection", Record(driver_connection, 2.0), None)
 
 
-def test_a_pooled_connection_the_server_closed_is_replaced_before_use(postgresql_api: App) -> None:
+@pytest.fixture(params=["sync", "async"])
+def counted_pings(
+    request: pytest.FixtureRequest, postgresql_required: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[App, list[object]]]:
+    """The app on PostgreSQL, with every ping its pool sends recorded (and still sent)."""
+    pings: list[object] = []
+    real_asyncpg_ping, real_psycopg_ping = db.ping_asyncpg, PGDialect_psycopg.do_ping
+
+    def asyncpg_ping(dbapi_connection: object) -> None:
+        pings.append(dbapi_connection)
+        real_asyncpg_ping(dbapi_connection)
+
+    def psycopg_ping(dialect: PGDialect_psycopg, dbapi_connection: object) -> bool:
+        pings.append(dbapi_connection)
+        return real_psycopg_ping(dialect, dbapi_connection)
+
+    monkeypatch.setattr(db, "ping_asyncpg", asyncpg_ping)
+    monkeypatch.setattr(PGDialect_psycopg, "do_ping", psycopg_ping)
+    with new_database(request.param, "postgresql") as database:
+        for api in app_for(database):
+            yield api, pings
+
+
+def test_only_a_connection_idle_for_a_while_is_pinged(
+    counted_pings: tuple[App, list[object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, pings = counted_pings
+    # A minute, not half a second, so a slow test machine cannot make a connection count as idle.
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+    for _ in range(3):
+        assert api.client.get("/items/").status_code == 200
+    assert pings == []  # a connection just made, then just given back, needs no round trip
+
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+    assert api.client.get("/items/").status_code == 200
+
+    assert len(pings) == 1
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_before_use(
+    postgresql_api: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every connection counts as just used: only noticing the server's goodbye can save the next request.
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
     client = postgresql_api.client
     database = make_url(postgresql_api.database.url).database
     assert client.get("/items/").status_code == 200
