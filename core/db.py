@@ -166,10 +166,14 @@ def create_db_engine(settings: Settings) -> Engine | AsyncEngine:
     return async_engine or sync_engine
 
 
-def kept_connections(engine: Engine | AsyncEngine) -> int:
-    """How many connections the pool keeps open (its overflow ones are closed again after use)."""
-    pool = engine.pool
-    return 1 if isinstance(pool, StaticPool) else pool.size()  # type: ignore[attr-defined]
+def sessions_at_once(engine: Engine | AsyncEngine) -> int:
+    """How many requests may hold a session at the same time: as many as the pool keeps connections open
+    (its overflow ones are closed again after use), and one on SQLite."""
+    if engine.dialect.name == "sqlite":
+        # SQLite runs inside this process and writes one transaction at a time: more sessions at once only
+        # make threads fight for the GIL and writers sleep in SQLite's busy handler (see README, Performance).
+        return 1
+    return engine.pool.size()  # type: ignore[attr-defined]
 
 
 engine = create_db_engine(get_settings())
@@ -195,7 +199,7 @@ async def get_async_session() -> AsyncIterator[AsyncSession]:
 # requests hold a session than the pool keeps connections; the others wait in the event loop, not in a
 # thread nor in the pool (whose timeout would turn ordinary load into 503s), and no overflow connection
 # is opened and closed again for every burst. The overflow stays for the health check and scripts.
-SESSIONS_AT_ONCE = kept_connections(engine)
+SESSIONS_AT_ONCE = sessions_at_once(engine)
 SessionDep = Annotated[Session, Depends(get_session, max_concurrency=SESSIONS_AT_ONCE)]
 AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_session, max_concurrency=SESSIONS_AT_ONCE)]
 

@@ -404,6 +404,22 @@ def test_in_memory_sqlite_shares_one_connection() -> None:
     assert isinstance(create_db_engine(Settings(database_url="sqlite://")).pool, StaticPool)
 
 
+@pytest.mark.parametrize(
+    "url, sessions",
+    [
+        ("sqlite://", 1),
+        ("sqlite:///items.db", 1),
+        ("sqlite+aiosqlite:///items.db", 1),
+        ("postgresql://u@h/d", 4),
+        ("postgresql+asyncpg://u@h/d", 4),
+    ],
+)
+def test_sqlite_admits_one_session_at_a_time_and_postgresql_one_per_kept_connection(url: str, sessions: int) -> None:
+    engine = create_db_engine(Settings(database_url=url, db_pool_size=4))
+
+    assert db.sessions_at_once(engine) == sessions
+
+
 async def pragmas_of_two_connections(engine: Engine | AsyncEngine) -> list[tuple[object, object]]:
     """Open two connections at once: each must have been configured when it was opened."""
     query = text("SELECT * FROM pragma_foreign_keys, pragma_busy_timeout, pragma_journal_mode, pragma_synchronous")
