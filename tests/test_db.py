@@ -176,14 +176,18 @@ class Record:
         self.info = {} if used_seconds_ago is None else {"last_used": time.monotonic() - used_seconds_ago}
 
 
-@pytest.fixture(params=["asyncpg", "psycopg"])
-def driver_connection(request: pytest.FixtureRequest) -> Iterator[AsyncpgConnection | PsycopgConnection]:
-    if request.param == "asyncpg":
-        yield AsyncpgConnection()
-        return
+@pytest.fixture
+def psycopg_connection() -> Iterator[PsycopgConnection]:
     client, server = socket.socketpair()
     with client, server:
         yield PsycopgConnection(client, server)
+
+
+@pytest.fixture(params=["asyncpg", "psycopg"])
+def driver_connection(request: pytest.FixtureRequest) -> AsyncpgConnection | PsycopgConnection:
+    if request.param == "asyncpg":
+        return AsyncpgConnection()
+    return request.getfixturevalue("psycopg_connection")
 
 
 def checkout_test(driver_connection: object, ping: Callable[[object], object]) -> Callable[..., None]:
@@ -214,14 +218,11 @@ def test_ping_asks_the_server_only_about_idle_or_closed_connections(
     assert pings == (["dbapi connection"] if pinged else [])
 
 
-def test_psycopg_connection_it_knows_is_closed_is_pinged() -> None:
-    client, server = socket.socketpair()
-    with client, server:
-        connection = PsycopgConnection(client, server)
-        connection.closed = True
-        pings: list[object] = []
+def test_psycopg_connection_it_knows_is_closed_is_pinged(psycopg_connection: PsycopgConnection) -> None:
+    psycopg_connection.closed = True
+    pings: list[object] = []
 
-        checkout_test(connection, pings.append)("dbapi connection", Record(connection, 0.01), None)
+    checkout_test(psycopg_connection, pings.append)("dbapi connection", Record(psycopg_connection, 0.01), None)
 
     assert pings == ["dbapi connection"]
 
