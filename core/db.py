@@ -196,9 +196,9 @@ async def get_async_session() -> AsyncIterator[AsyncSession]:
 
 # A sync request keeps its pooled connection while it waits for a worker thread (to validate the
 # response): were every thread waiting for a connection, none would come back, a deadlock. So no more
-# requests hold a session than the pool keeps connections; the others wait in the event loop, not in a
-# thread nor in the pool (whose timeout would turn ordinary load into 503s), and no overflow connection
-# is opened and closed again for every burst. The overflow stays for the health check and scripts.
+# requests hold a session than the pool keeps connections (one on SQLite); the others wait in the event
+# loop, not in a thread nor in the pool (whose timeout would turn ordinary load into 503s), and no overflow
+# connection is opened and closed again for every burst. The overflow stays for the health check and scripts.
 SESSIONS_AT_ONCE = sessions_at_once(engine)
 SessionDep = Annotated[Session, Depends(get_session, max_concurrency=SESSIONS_AT_ONCE)]
 AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_session, max_concurrency=SESSIONS_AT_ONCE)]
