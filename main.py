@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from core import db, health
+from core import db, health, schema
 from core.body_limit import BodySizeLimit
 from core.config import get_settings
 from core.docs import add_offline_docs
@@ -30,7 +30,8 @@ TAGS = [
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await db.create_db_and_tables(db.engine)
+    # Migrate before serving (or, when migrations are a separate step, refuse to serve a database behind).
+    await schema.prepare_database(db.engine, get_settings())
     yield
     await db.dispose_engine(db.engine)
 

@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     db_prepared_statements: bool = Field(
         default=True, description="Turn off behind PgBouncer in transaction pooling mode."
     )
+    db_migrate_on_start: bool = Field(
+        default=True,
+        description="Run the migrations at start-up; turn off where they run as a separate step (alembic upgrade head).",
+    )
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Larger request bodies get a 413.")
 

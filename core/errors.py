@@ -15,6 +15,12 @@ from core.db import DATABASE_DOWN_ERRORS
 logger = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = "Database unavailable"
+INTERNAL_ERROR = "Internal Server Error"
+
+# A table or column the models use that the database lacks: PostgreSQL's undefined_table and undefined_column
+# (SQLSTATE), SQLite's messages. The database is up and the request is fine: the schema is behind the code.
+UNDEFINED_TABLE_OR_COLUMN = {"42P01", "42703"}
+SQLITE_MISSING = ("no such table", "no such column", "has no column named")
 
 # For the OpenAPI schema: the error every database-backed route can answer with.
 UNAVAILABLE_RESPONSE = {
@@ -40,8 +46,21 @@ def error(status_code: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status_code)
 
 
+def is_schema_mismatch(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return sqlstate in UNDEFINED_TABLE_OR_COLUMN or any(words in str(exc.orig) for words in SQLITE_MISSING)
+
+
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
     """Map a database error to a status code; the log gets the error's type, the client a plain detail."""
+    if isinstance(exc, DBAPIError) and is_schema_mismatch(exc):
+        logger.error(
+            "%s %s: the database schema is behind the models (%s): run `alembic upgrade head`",
+            request.method,
+            request.url.path,
+            exc.orig,
+        )
+        return error(500, INTERNAL_ERROR)
     # OperationalError and InterfaceError are how the drivers report a refused or lost connection.
     lost = isinstance(exc, OperationalError | InterfaceError) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
@@ -54,7 +73,7 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, DataError):
         return error(400, "A value was rejected by the database")
     logger.exception("%s %s: database error", request.method, request.url.path)
-    return error(500, "Internal Server Error")
+    return error(500, INTERNAL_ERROR)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,7 +88,7 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("%s %s: unexpected error", request.method, request.url.path)
-    return error(500, "Internal Server Error")
+    return error(500, INTERNAL_ERROR)
 
 
 def add_exception_handlers(app: FastAPI) -> None:

@@ -1,16 +1,17 @@
-"""Fixtures: every test gets a fresh database and an app whose sessions use it.
+"""Fixtures: every test gets a fresh database and the app on it, with its real sessions and start-up.
 
 The endpoint tests run in every mode: sync and async, on in-memory SQLite always, and on PostgreSQL when
 TEST_DATABASE_URL is set (each test then gets a database of its own, dropped afterwards).
 """
 
+import asyncio
 import os
 
 # The app's own engine must never touch a real database or create a file during tests: every test
-# swaps in its own database through app.dependency_overrides.
+# swaps in an engine on its own database (core.db.engine), and the app's code does the rest.
 os.environ["DATABASE_URL"] = "sqlite://"
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel import Session
-from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core import db
 from core.config import Settings
-from core.db import (
-    create_db_and_tables,
-    create_db_engine,
-    dispose_engine,
-    get_async_session,
-    get_session,
-)
 from main import create_app
 from tests import live
 
@@ -159,28 +152,21 @@ async def scalar(engine: Engine | AsyncEngine, sql: str) -> object:
 
 
 def app_for(
-    database: Database, create: bool = True, app: FastAPI | None = None, **client_options: object
+    database: Database, start: bool = True, app: FastAPI | None = None, **client_options: object
 ) -> Iterator[App]:
-    """The app in the database's mode, its sessions on that database; `create` makes the tables first."""
-    engine = create_db_engine(Settings(database_url=database.url))
+    """The app in the database's mode, on an engine of that database: its own start-up migrates the database,
+    its own sessions serve the requests, and its shutdown disposes the engine (`start=False`: no start-up)."""
+    engine = db.create_db_engine(Settings(database_url=database.url))
     app = app or create_app(async_mode=database.is_async)
-
-    def get_test_session() -> Iterator[Session]:
-        with Session(engine, expire_on_commit=False) as session:  # type: ignore[arg-type]
-            yield session
-
-    async def get_test_async_session() -> AsyncIterator[AsyncSession]:
-        async with AsyncSession(engine, expire_on_commit=False) as session:  # type: ignore[arg-type]
-            yield session
-
-    app.dependency_overrides[get_session] = get_test_session
-    app.dependency_overrides[get_async_session] = get_test_async_session
     pool = PoolWatch(engine)
-    with TestClient(app, **client_options) as client:  # type: ignore[arg-type]
-        if create:
-            client.portal.call(create_db_and_tables, engine)  # type: ignore[union-attr]
-        yield App(client, app, engine, pool, database)
-        client.portal.call(dispose_engine, engine)  # type: ignore[union-attr]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(db, "engine", engine)
+        if not start:
+            yield App(TestClient(app, **client_options), app, engine, pool, database)  # type: ignore[arg-type]
+            asyncio.run(db.dispose_engine(engine))
+            return
+        with TestClient(app, **client_options) as client:  # type: ignore[arg-type]
+            yield App(client, app, engine, pool, database)
 
 
 def create(client: TestClient, title: str = "Buy milk", **fields: object) -> dict:

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import count
@@ -46,12 +46,13 @@ def append_only_log() -> IO[str]:
 
 
 class Server:
-    """`uvicorn main:app` in its own process, on a free loopback port."""
+    """`uvicorn main:app` (or `app`, e.g. "tests.probe_app:app") in its own process, on a free loopback port."""
 
     def __init__(
         self,
         database_url: str | None,
         *,
+        app: str = "main:app",
         workers: int = 1,
         env: dict[str, str] | None = None,
         cwd: Path = ROOT,
@@ -60,7 +61,7 @@ class Server:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port)]
         command += [] if access_log else ["--no-access-log"]
         command += ["--timeout-graceful-shutdown", "10"]
         if workers > 1:
@@ -86,6 +87,33 @@ class Server:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"the server did not answer within {timeout} s:\n{self.stop()}")
+
+    def wait_for_log(self, text: str, timeout: float = 15) -> None:
+        """Wait until the server's log contains `text` (polled, bounded)."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.02) + 1):
+            if text in self.read_log():
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        raise TimeoutError(f"{text!r} not in the server's log within {timeout} s:\n{self.read_log()}")
+
+    def probe(self) -> dict[str, int]:
+        """GET /_probe of a server started as `tests.probe_app:app` (see tests/probe_app.py)."""
+        return httpx.get(f"{self.url}/_probe", timeout=5).json()
+
+    def wait_for_probe(self, condition: Callable[[dict[str, int]], bool], timeout: float = 10) -> dict[str, int]:
+        """Poll /_probe until `condition` holds (bounded); returns the last reading."""
+        deadline = time.monotonic() + timeout
+        reading: dict[str, int] = {}
+        for _ in range(int(timeout / 0.01) + 1):
+            reading = self.probe()
+            if condition(reading) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert condition(reading), f"the server's probe never showed the expected state: {reading}"
+        return reading
 
     def stop(self, timeout: float = 15) -> str:
         """SIGTERM (a graceful shutdown: lifespan end, engine disposed), SIGKILL if it hangs; returns the log."""
@@ -114,17 +142,27 @@ def running_server(database_url: str, **options: object) -> Iterator[Server]:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:port to the database; `cut()` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:port to the database, until the test says otherwise.
+
+    `cut()` drops every connection and refuses new ones (a database that is down: fails at once).
+    `black_hole()` drops every connection and accepts new ones that never get an answer (a database host
+    that does not answer: only a connect timeout ends the wait). `restore()` forwards again.
+    """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.is_cut = False
+        self.mode = "forward"
         self.connections: set[socket.socket] = set()
+        self.swallowed: list[socket.socket] = []
         self.lock = threading.Lock()
         self.closed = False
         threading.Thread(target=self.accept_forever, daemon=True).start()
+
+    @property
+    def is_cut(self) -> bool:
+        return self.mode == "cut"
 
     def accept_forever(self) -> None:
         while not self.closed:
@@ -132,8 +170,13 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            if self.is_cut:
+            if self.mode == "cut":
                 client.close()
+                continue
+            if self.mode == "black_hole":
+                # Kept open and never read: the client's connect succeeds, its first message goes unanswered.
+                with self.lock:
+                    self.swallowed.append(client)
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -165,14 +208,23 @@ class TcpProxy:
                 pass
             sock.close()
 
-    def cut(self) -> None:
-        self.is_cut = True
+    def drop_all(self) -> None:
         with self.lock:
-            live = list(self.connections)
+            live = [*self.connections, *self.swallowed]
+            self.swallowed.clear()
         self.drop(*live)
 
+    def cut(self) -> None:
+        self.mode = "cut"
+        self.drop_all()
+
+    def black_hole(self) -> None:
+        """From now on connections are accepted and never answered; the forwarded ones are dropped."""
+        self.mode = "black_hole"
+        self.drop_all()
+
     def restore(self) -> None:
-        self.is_cut = False
+        self.mode = "forward"
 
     def close(self) -> None:
         self.closed = True
@@ -258,3 +310,33 @@ def busy_connections(database_url: str) -> int | None:
     with admin_connection(database_url, database="postgres") as admin:
         query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'"
         return admin.execute(query, (url.database,)).fetchone()[0]
+
+
+def backends(database_url: str, *, wait_event_type: str | None = None, wait_event: str | None = None) -> list[int]:
+    """Pids of the server processes (backends) connected to the database of `database_url` (PostgreSQL),
+    only those waiting on `wait_event_type`/`wait_event` if given; the asking connection is not counted."""
+    url = make_url(database_url)
+    query = "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+    parameters: list[str | None] = [url.database]
+    if wait_event_type is not None:
+        query += " AND wait_event_type = %s"
+        parameters.append(wait_event_type)
+    if wait_event is not None:
+        query += " AND wait_event = %s"
+        parameters.append(wait_event)
+    with admin_connection(database_url, database="postgres") as admin:
+        return [row[0] for row in admin.execute(query, parameters).fetchall()]
+
+
+def wait_for_backends(
+    database_url: str, condition: Callable[[list[int]], bool], timeout: float = 15, **filters: str
+) -> list[int]:
+    """Poll `backends(database_url, **filters)` until `condition` holds (bounded in count and time)."""
+    deadline = time.monotonic() + timeout
+    found: list[int] = []
+    for _ in range(int(timeout / 0.02) + 1):
+        found = backends(database_url, **filters)
+        if condition(found) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return found

@@ -15,7 +15,7 @@ from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from core import db
+from core import db, pool
 from core.config import Settings
 from core.db import AsyncSessionDep, SessionDep, UTCDateTime, create_db_engine, database_url, engine_options
 from items.item import Item
@@ -192,8 +192,8 @@ def driver_connection(request: pytest.FixtureRequest) -> AsyncpgConnection | Psy
 
 def checkout_test(driver_connection: object, ping: Callable[[object], object]) -> Callable[..., None]:
     """The pool's checkout listener for this driver, with `ping` in place of the real one."""
-    may_be_closed = db.asyncpg_closed if isinstance(driver_connection, AsyncpgConnection) else db.psycopg_may_be_closed
-    return db.pre_ping(ping, may_be_closed)
+    may_be_closed = pool.asyncpg_closed if isinstance(driver_connection, AsyncpgConnection) else pool.psycopg_may_be_closed
+    return pool.pre_ping(ping, may_be_closed)
 
 
 @pytest.mark.parametrize(
@@ -241,7 +241,7 @@ def counted_pings(
 ) -> Iterator[tuple[App, list[object]]]:
     """The app on PostgreSQL, with every ping its pool sends recorded (and still sent)."""
     pings: list[object] = []
-    real_asyncpg_ping, real_psycopg_ping = db.ping_asyncpg, PGDialect_psycopg.do_ping
+    real_asyncpg_ping, real_psycopg_ping = pool.ping_asyncpg, PGDialect_psycopg.do_ping
 
     def asyncpg_ping(dbapi_connection: object) -> None:
         pings.append(dbapi_connection)
@@ -251,7 +251,7 @@ def counted_pings(
         pings.append(dbapi_connection)
         return real_psycopg_ping(dialect, dbapi_connection)
 
-    monkeypatch.setattr(db, "ping_asyncpg", asyncpg_ping)
+    monkeypatch.setattr(pool, "ping_asyncpg", asyncpg_ping)
     monkeypatch.setattr(PGDialect_psycopg, "do_ping", psycopg_ping)
     with new_database(request.param, "postgresql") as database:
         for api in app_for(database):
@@ -263,12 +263,12 @@ def test_only_a_connection_idle_for_a_while_is_pinged(
 ) -> None:
     api, pings = counted_pings
     # A minute, not half a second, so a slow test machine cannot make a connection count as idle.
-    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+    monkeypatch.setattr(pool, "PING_AFTER_IDLE_SECONDS", 60.0)
     for _ in range(3):
         assert api.client.get("/items/").status_code == 200
     assert pings == []  # a connection just made, then just given back, needs no round trip
 
-    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+    monkeypatch.setattr(pool, "PING_AFTER_IDLE_SECONDS", 0.0)
     assert api.client.get("/items/").status_code == 200
 
     assert len(pings) == 1
@@ -278,7 +278,7 @@ def test_a_pooled_connection_the_server_closed_is_replaced_before_use(
     postgresql_api: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every connection counts as just used: only noticing the server's goodbye can save the next request.
-    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 60.0)
+    monkeypatch.setattr(pool, "PING_AFTER_IDLE_SECONDS", 60.0)
     client = postgresql_api.client
     database = make_url(postgresql_api.database.url).database
     assert client.get("/items/").status_code == 200
@@ -302,7 +302,7 @@ def unreachable(request: pytest.FixtureRequest) -> Iterator[App]:
     """The app with its sessions on a PostgreSQL port where nothing listens (connection refused)."""
     driver = "postgresql+asyncpg" if request.param == "async" else "postgresql+psycopg"
     database = Database(request.param, "postgresql", f"{driver}://postgres@127.0.0.1:9/nothing")
-    yield from app_for(database, create=False, raise_server_exceptions=False)
+    yield from app_for(database, start=False, raise_server_exceptions=False)
 
 
 @pytest.mark.parametrize(
@@ -324,10 +324,17 @@ def test_item_requests_return_503_when_the_database_is_unreachable(
     assert unreachable.pool.checked_out == 0
 
 
-def test_health_reports_ok_with_mode_and_dialect(api: App) -> None:
+def test_health_reports_ok_with_the_mode_and_dialect_of_the_engine_in_use(api: App) -> None:
     response = api.client.get("/health")
+
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok", "mode": "sync", "dialect": "sqlite"}
+    assert response.json() == {
+        "status": "ok",
+        "database": "ok",
+        "schema": "ok",
+        "mode": api.database.mode,
+        "dialect": api.database.backend,
+    }
 
 
 def test_health_returns_503_when_the_database_is_unreachable(api: App, monkeypatch: pytest.MonkeyPatch) -> None:
