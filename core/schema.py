@@ -149,6 +149,16 @@ def differences(connection: Connection) -> list[Any]:
     return compare_metadata(context, options["target_metadata"])
 
 
+def describe(difference: Any) -> str:
+    """One of autogenerate's differences in a few words: ("add_column", None, "item", Column("done")) ->
+    "add_column item.done"."""
+    if isinstance(difference, list):
+        return ", ".join(describe(part) for part in difference)
+    kind, *details = difference
+    names = [detail if isinstance(detail, str) else getattr(detail, "name", None) for detail in details[:3]]
+    return f"{kind} {'.'.join(name for name in names if name)}"
+
+
 def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
@@ -181,5 +191,5 @@ async def prepare_database(engine: Engine | AsyncEngine, settings: Settings) -> 
         logger.error(
             "The models and the database differ, so requests that use the difference will fail: %s. "
             'Add a migration (alembic revision --autogenerate -m "...") and restart.',
-            "; ".join(str(difference) for difference in left),
+            ", ".join(describe(difference) for difference in left),
         )

@@ -55,7 +55,7 @@ def run_migrations_online() -> None:
         run_migrations(connection)
         return
     if context.config.config_file_name is not None:
-        logging.config.fileConfig(context.config.config_file_name)
+        logging.config.fileConfig(context.config.config_file_name, disable_existing_loggers=False)
     engine = create_db_engine(get_settings())
     if isinstance(engine, AsyncEngine):
         asyncio.run(run_async_migrations(engine))

@@ -142,6 +142,10 @@ class App:
     def count_rows(self, sql: str = "SELECT count(*) FROM item") -> int:
         return self.run(scalar, self.engine, sql)
 
+    def execute(self, sql: str) -> None:
+        """Run one statement on the test's database, outside the app, and commit it."""
+        self.run(execute, self.engine, sql)
+
 
 async def scalar(engine: Engine | AsyncEngine, sql: str) -> object:
     if isinstance(engine, AsyncEngine):
@@ -149,6 +153,15 @@ async def scalar(engine: Engine | AsyncEngine, sql: str) -> object:
             return (await connection.execute(text(sql))).scalar()
     with engine.connect() as connection:
         return connection.execute(text(sql)).scalar()
+
+
+async def execute(engine: Engine | AsyncEngine, sql: str) -> None:
+    if isinstance(engine, AsyncEngine):
+        async with engine.begin() as connection:
+            await connection.execute(text(sql))
+    else:
+        with engine.begin() as connection:
+            connection.execute(text(sql))
 
 
 def app_for(
