@@ -47,6 +47,9 @@ def create_app(async_mode: bool = db.IS_ASYNC) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        # Operation ids are the route functions' names, so a generated client has `read_item`, not
+        # `read_item_items__item_id__get`.
+        generate_unique_id_function=lambda route: route.name,
     )
     add_offline_docs(app)
     add_exception_handlers(app)

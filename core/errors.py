@@ -3,12 +3,15 @@
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm.exc import StaleDataError
 
 from core.db import DATABASE_DOWN_ERRORS
 
@@ -16,19 +19,28 @@ logger = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = "Database unavailable"
 INTERNAL_ERROR = "Internal Server Error"
+PRECONDITION_FAILED = "The item has changed since you read it: read it again"
 
 # A table or column the models use that the database lacks: PostgreSQL's undefined_table and undefined_column
 # (SQLSTATE), SQLite's messages. The database is up and the request is fine: the schema is behind the code.
 UNDEFINED_TABLE_OR_COLUMN = {"42P01", "42703"}
 SQLITE_MISSING = ("no such table", "no such column", "has no column named")
 
-# For the OpenAPI schema: the error every database-backed route can answer with.
-UNAVAILABLE_RESPONSE = {
-    503: {
-        "description": "The database cannot be reached; retry later.",
-        "content": {"application/json": {"example": {"detail": DATABASE_UNAVAILABLE}}},
-    }
-}
+
+
+class Error(BaseModel):
+    """Every error but a 422 (whose detail lists the invalid fields): one schema, so generated clients get it typed."""
+
+    detail: str = Field(description="What went wrong, in one sentence.")
+
+
+def error_response(description: str, detail: str) -> dict[str, Any]:
+    """An error response for the OpenAPI schema: the Error model, with an example."""
+    return {"model": Error, "description": description, "content": {"application/json": {"example": {"detail": detail}}}}
+
+
+# The error every database-backed route can answer with.
+UNAVAILABLE_RESPONSE = {503: error_response("The database cannot be reached; retry later.", DATABASE_UNAVAILABLE)}
 
 
 @contextmanager
@@ -68,6 +80,9 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
     if lost or isinstance(exc, DATABASE_DOWN_ERRORS):
         logger.warning("%s %s: database unavailable (%s)", request.method, request.url.path, type(exc).__name__)
         return error(503, DATABASE_UNAVAILABLE)
+    if isinstance(exc, StaleDataError):
+        # The UPDATE or DELETE found the row at another version than the one read: it changed in between.
+        return error(412, PRECONDITION_FAILED)
     if isinstance(exc, IntegrityError):
         return error(409, "The request conflicts with existing data")
     if isinstance(exc, DataError):

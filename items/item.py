@@ -9,11 +9,13 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.routing import APIRoute
 from pydantic import Field as Rules
 from sqlalchemy import BigInteger, Integer, Row, UniqueConstraint
+from sqlalchemy.orm import declared_attr, object_session
 from sqlmodel import Field, SQLModel, func, select
 from sqlmodel.sql.expression import Select
 
 from core.db import AsyncSessionDep, SessionDep, UTCDateTime
-from core.errors import UNAVAILABLE_RESPONSE, duplicate_is_conflict
+from core.errors import UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
+from core.etags import CHANGED_SINCE, NOT_MODIFIED, IfMatch, IfNoneMatch, etag, not_modified, require_match
 
 # No NUL characters: PostgreSQL cannot store them, and the API must behave the same on every database.
 NO_NUL = r"^[^\x00]*$"
@@ -39,6 +41,7 @@ ITEM_EXAMPLE = {
     "id": 1,
     "title": "Buy milk",
     "description": "Two litres",
+    "version": 1,
     "created_at": "2026-11-25T09:30:00Z",
     "updated_at": "2026-11-25T09:30:00Z",
 }
@@ -86,10 +89,20 @@ class Item(ItemBase, table=True):
         sa_type=BigInteger().with_variant(Integer(), "sqlite"),
         description="Assigned by the server.",
     )
+    # A required column added to a table with rows needs a server default: the database fills the old rows.
+    version: int = Field(
+        default=1, sa_column_kwargs={"server_default": "1"}, description="1 when created, one more with every change."
+    )
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime, description="UTC, set by the server.")
     updated_at: datetime = Field(
         default_factory=utc_now, sa_type=UTCDateTime, description="UTC, changes on every update."
     )
+
+    @declared_attr.directive
+    def __mapper_args__(cls) -> dict[str, Any]:
+        """Every UPDATE and DELETE says `WHERE id = ? AND version = <the version read>`, and counts version up:
+        a row changed by another request in between is not overwritten (StaleDataError, a 412)."""
+        return {"version_id_col": cls.__table__.c.version}  # type: ignore[attr-defined]
 
 
 # --- What both modes share: statements, checks and the mapping of errors to status codes ---
@@ -116,9 +129,29 @@ def found(item: Item | None) -> Item:
     return item
 
 
-def apply_changes(item: Item, changes: dict[str, Any]) -> None:
+# A write reads the row with a lock (SELECT ... FOR UPDATE on PostgreSQL; SQLite writes one at a time): two
+# writers take turns, so each applies its change whole to the state the other left (last writer wins).
+LOCKED = {"with_for_update": True}
+
+
+def current(item: Item | None, if_match: str | None) -> Item:
+    """The item to change, if it exists (else 404) and is in the state the client saw (else 412)."""
+    require_match(if_match, found(item).version)
+    return item  # type: ignore[return-value]
+
+
+def apply_changes(item: Item, changes: dict[str, Any]) -> bool:
+    """Set the fields; True if that changed anything. A write that changes nothing writes nothing."""
     item.sqlmodel_update(changes)
+    if not object_session(item).is_modified(item):  # type: ignore[union-attr]
+        return False
     item.updated_at = utc_now()
+    return True
+
+
+def with_etag(item: Item, response: Response) -> Item:
+    response.headers["ETag"] = etag(item.version)
+    return item
 
 
 def unique_title() -> AbstractContextManager[None]:
@@ -126,15 +159,15 @@ def unique_title() -> AbstractContextManager[None]:
     return duplicate_is_conflict("title", TITLE_TAKEN)
 
 
-def example(description: str, detail: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"example": {"detail": detail}}}}
-
-
-ITEM_NOT_FOUND = {404: example("No item has this id.", NOT_FOUND)}
+ITEM_NOT_FOUND = {404: error_response("No item has this id.", NOT_FOUND)}
 BAD_BODY = {
-    400: example("The body is not JSON text, or the database rejected a value.", "There was an error parsing the body")
+    400: error_response(
+        "The body is not JSON text, or the database rejected a value.", "There was an error parsing the body"
+    ),
+    413: error_response("The body is larger than the limit (1 MiB by default).", "Request body too large"),
 }
-TITLE_CONFLICT = {409: example("Another item already has this title.", TITLE_TAKEN)}
+TITLE_CONFLICT = {409: error_response("Another item already has this title.", TITLE_TAKEN)}
+WRITE_ERRORS = BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT | CHANGED_SINCE
 
 # Ids and offsets are 64-bit in the database; a larger number is a 422, not a database error.
 BIGINT_MAX = 2**63 - 1
@@ -149,13 +182,13 @@ router = APIRouter(prefix="/items", tags=["items"], responses=UNAVAILABLE_RESPON
 
 @router.post("/", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=BAD_BODY | TITLE_CONFLICT)
 def create_item(item_in: ItemBase, session: SessionDep, response: Response) -> Item:
-    """Create an item; the server assigns its id and timestamps and answers with its Location."""
+    """Create an item; the server assigns its id, version and timestamps and answers with its Location and ETag."""
     item = Item.model_validate(item_in)
     session.add(item)
     with unique_title():
         session.commit()
     response.headers["Location"] = f"/items/{item.id}"
-    return item
+    return with_etag(item, response)
 
 
 # The route returns rows, so the response model is declared here rather than by the return type.
@@ -170,36 +203,51 @@ def list_items(
     return page
 
 
-@router.get("/{item_id}", summary="Read an item", responses=ITEM_NOT_FOUND)
-def read_item(item_id: ItemId, session: SessionDep) -> Item:
-    """Return the item with this id."""
-    return found(session.get(Item, item_id))
-
-
-@router.put("/{item_id}", summary="Replace an item", responses=BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT)
-def replace_item(item_id: ItemId, item_in: ItemBase, session: SessionDep) -> Item:
-    """Replace every client field of the item; a description left out becomes null."""
+# Returning a Response (the 304) bypasses the response model, so it is declared here.
+@router.get("/{item_id}", summary="Read an item", response_model=Item, responses=ITEM_NOT_FOUND | NOT_MODIFIED)
+def read_item(
+    item_id: ItemId, session: SessionDep, response: Response, if_none_match: IfNoneMatch = None
+) -> Item | Response:
+    """Return the item with this id and its ETag; 304 with no body if If-None-Match names that ETag."""
     item = found(session.get(Item, item_id))
-    apply_changes(item, item_in.model_dump())
-    with unique_title():
-        session.commit()
-    return item
+    if not_modified(if_none_match, item.version):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag(item.version)})
+    return with_etag(item, response)
 
 
-@router.patch("/{item_id}", summary="Update an item", responses=BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT)
-def update_item(item_id: ItemId, changes: ItemUpdate, session: SessionDep) -> Item:
-    """Change only the fields sent; `"description": null` clears the description."""
-    item = found(session.get(Item, item_id))
-    apply_changes(item, changes.model_dump(exclude_unset=True))
-    with unique_title():
-        session.commit()
-    return item
+@router.put("/{item_id}", summary="Replace an item", responses=WRITE_ERRORS)
+def replace_item(
+    item_id: ItemId, item_in: ItemBase, session: SessionDep, response: Response, if_match: IfMatch = None
+) -> Item:
+    """Replace every client field of the item (a description left out becomes null); If-Match makes it conditional."""
+    item = current(session.get(Item, item_id, **LOCKED), if_match)
+    if apply_changes(item, item_in.model_dump()):
+        with unique_title():
+            session.commit()
+    return with_etag(item, response)
 
 
-@router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an item", responses=ITEM_NOT_FOUND)
-def delete_item(item_id: ItemId, session: SessionDep) -> None:
-    """Delete the item with this id."""
-    session.delete(found(session.get(Item, item_id)))
+@router.patch("/{item_id}", summary="Update an item", responses=WRITE_ERRORS)
+def update_item(
+    item_id: ItemId, changes: ItemUpdate, session: SessionDep, response: Response, if_match: IfMatch = None
+) -> Item:
+    """Change only the fields sent (`"description": null` clears it); If-Match makes it conditional."""
+    item = current(session.get(Item, item_id, **LOCKED), if_match)
+    if apply_changes(item, changes.model_dump(exclude_unset=True)):
+        with unique_title():
+            session.commit()
+    return with_etag(item, response)
+
+
+@router.delete(
+    "/{item_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an item",
+    responses=ITEM_NOT_FOUND | CHANGED_SINCE,
+)
+def delete_item(item_id: ItemId, session: SessionDep, if_match: IfMatch = None) -> None:
+    """Delete the item with this id; If-Match makes it conditional."""
+    session.delete(current(session.get(Item, item_id, **LOCKED), if_match))
     session.commit()
 
 
@@ -238,7 +286,7 @@ async def create_item_async(item_in: ItemBase, session: AsyncSessionDep, respons
     with unique_title():
         await session.commit()
     response.headers["Location"] = f"/items/{item.id}"
-    return item
+    return with_etag(item, response)
 
 
 @same_route_as(list_items)
@@ -251,29 +299,38 @@ async def list_items_async(
 
 
 @same_route_as(read_item)
-async def read_item_async(item_id: ItemId, session: AsyncSessionDep) -> Item:
-    return found(await session.get(Item, item_id))
+async def read_item_async(
+    item_id: ItemId, session: AsyncSessionDep, response: Response, if_none_match: IfNoneMatch = None
+) -> Item | Response:
+    item = found(await session.get(Item, item_id))
+    if not_modified(if_none_match, item.version):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag(item.version)})
+    return with_etag(item, response)
 
 
 @same_route_as(replace_item)
-async def replace_item_async(item_id: ItemId, item_in: ItemBase, session: AsyncSessionDep) -> Item:
-    item = found(await session.get(Item, item_id))
-    apply_changes(item, item_in.model_dump())
-    with unique_title():
-        await session.commit()
-    return item
+async def replace_item_async(
+    item_id: ItemId, item_in: ItemBase, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
+) -> Item:
+    item = current(await session.get(Item, item_id, **LOCKED), if_match)
+    if apply_changes(item, item_in.model_dump()):
+        with unique_title():
+            await session.commit()
+    return with_etag(item, response)
 
 
 @same_route_as(update_item)
-async def update_item_async(item_id: ItemId, changes: ItemUpdate, session: AsyncSessionDep) -> Item:
-    item = found(await session.get(Item, item_id))
-    apply_changes(item, changes.model_dump(exclude_unset=True))
-    with unique_title():
-        await session.commit()
-    return item
+async def update_item_async(
+    item_id: ItemId, changes: ItemUpdate, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
+) -> Item:
+    item = current(await session.get(Item, item_id, **LOCKED), if_match)
+    if apply_changes(item, changes.model_dump(exclude_unset=True)):
+        with unique_title():
+            await session.commit()
+    return with_etag(item, response)
 
 
 @same_route_as(delete_item)
-async def delete_item_async(item_id: ItemId, session: AsyncSessionDep) -> None:
-    await session.delete(found(await session.get(Item, item_id)))
+async def delete_item_async(item_id: ItemId, session: AsyncSessionDep, if_match: IfMatch = None) -> None:
+    await session.delete(current(await session.get(Item, item_id, **LOCKED), if_match))
     await session.commit()

@@ -26,8 +26,9 @@ def test_create_item_returns_201_with_the_item_and_its_location(client: TestClie
 
     assert response.status_code == 201
     item = response.json()
-    assert set(item) == {"id", "title", "description", "created_at", "updated_at"}
+    assert set(item) == {"id", "title", "description", "version", "created_at", "updated_at"}
     assert item["title"] == "Buy milk" and item["description"] == "Two litres"
+    assert item["version"] == 1 and response.headers["etag"] == '"1"'
     assert isinstance(item["id"], int)
     assert response.headers["location"] == f"/items/{item['id']}"
     assert before - timedelta(seconds=5) <= parse_utc(item["created_at"]) <= datetime.now(UTC)
@@ -217,6 +218,9 @@ def test_read_item_with_non_integer_id_returns_422(client: TestClient, item_id: 
 
 # --- PUT /items/{item_id} ---
 
+SAME = {"title": "Same", "description": "same"}
+
+
 
 def test_replace_item_replaces_all_fields_and_moves_updated_at(client: TestClient) -> None:
     item = create(client, "Old", description="old")
@@ -229,6 +233,7 @@ def test_replace_item_replaces_all_fields_and_moves_updated_at(client: TestClien
     assert replaced["description"] is None, "an omitted description becomes null"
     assert replaced["id"] == item["id"] and replaced["created_at"] == item["created_at"]
     assert parse_utc(replaced["updated_at"]) > parse_utc(item["updated_at"])
+    assert replaced["version"] == 2 and response.headers["etag"] == '"2"'
     assert client.get(f"/items/{item['id']}").json() == replaced
 
 
@@ -274,11 +279,20 @@ def test_update_item_with_null_description_clears_it(client: TestClient) -> None
     assert response.json()["description"] is None and response.json()["title"] == "Old"
 
 
-def test_update_item_with_empty_body_only_moves_updated_at(client: TestClient) -> None:
-    item = create(client, "Same", description="same")
-    updated = client.patch(f"/items/{item['id']}", json={}).json()
-    assert (updated["title"], updated["description"]) == ("Same", "same")
-    assert parse_utc(updated["updated_at"]) > parse_utc(item["updated_at"])
+@pytest.mark.parametrize(
+    "method, body",
+    [("PATCH", {}), ("PATCH", {"title": "Same"}), ("PATCH", {"description": "same"}), ("PUT", SAME)],
+    ids=["patch-nothing", "patch-same-title", "patch-same-description", "put-the-current-state"],
+)
+def test_a_write_that_changes_nothing_writes_nothing(client: TestClient, method: str, body: dict) -> None:
+    item = create(client, **SAME)
+
+    response = client.request(method, f"/items/{item['id']}", json=body)
+
+    assert response.status_code == 200
+    assert response.json() == item, "version and updated_at stay as they were"
+    assert response.headers["etag"] == '"1"'
+    assert client.get(f"/items/{item['id']}").json() == item
 
 
 def test_update_item_with_null_title_returns_422(client: TestClient) -> None:
@@ -314,6 +328,104 @@ def test_changing_item_to_a_duplicate_title_returns_409_and_changes_nothing(clie
     assert response.status_code == 409
     assert response.json() == {"detail": "An item with this title already exists"}
     assert client.get(f"/items/{item['id']}").json() == item
+
+
+# --- Versions, ETags and conditional requests ---
+
+
+def test_every_change_counts_the_version_up_and_every_single_item_response_carries_its_etag(
+    client: TestClient,
+) -> None:
+    item = create(client, "Counted")
+    url = f"/items/{item['id']}"
+
+    responses = [
+        client.patch(url, json={"description": "one"}),
+        client.put(url, json={"title": "Counted", "description": "two"}),
+        client.patch(url, json={"title": "Recounted"}),
+        client.get(url),
+    ]
+
+    assert [response.json()["version"] for response in responses] == [2, 3, 4, 4]
+    assert [response.headers["etag"] for response in responses] == ['"2"', '"3"', '"4"', '"4"']
+
+
+@pytest.mark.parametrize("if_none_match", ['"1"', 'W/"1"', '"7", "1"', "*"])
+def test_a_read_whose_etag_the_client_has_answers_304_with_no_body(client: TestClient, if_none_match: str) -> None:
+    item = create(client)
+
+    response = client.get(f"/items/{item['id']}", headers={"If-None-Match": if_none_match})
+
+    assert response.status_code == 304
+    assert response.content == b""
+    assert response.headers["etag"] == '"1"'
+
+
+def test_a_read_whose_etag_is_stale_answers_200_with_the_new_version(client: TestClient) -> None:
+    item = create(client)
+    client.patch(f"/items/{item['id']}", json={"description": "changed"})
+
+    response = client.get(f"/items/{item['id']}", headers={"If-None-Match": '"1"'})
+
+    assert response.status_code == 200
+    assert response.json()["description"] == "changed" and response.headers["etag"] == '"2"'
+
+
+CHANGES = {"PUT": {"title": "Mine", "description": "lost"}, "PATCH": {"description": "lost"}, "DELETE": None}
+
+
+@pytest.mark.parametrize("method", CHANGES)
+def test_a_write_with_a_stale_if_match_answers_412_and_changes_nothing(client: TestClient, method: str) -> None:
+    item = create(client, "Mine")
+    changed = client.patch(f"/items/{item['id']}", json={"description": "theirs"}).json()
+
+    response = client.request(method, f"/items/{item['id']}", json=CHANGES[method], headers={"If-Match": '"1"'})
+
+    assert response.status_code == 412
+    assert response.json() == {"detail": "The item has changed since you read it: read it again"}
+    assert client.get(f"/items/{item['id']}").json() == changed
+
+
+@pytest.mark.parametrize("method", CHANGES)
+@pytest.mark.parametrize("if_match", ['"2"', "*", '"1", "2"', ' "9" ,"2" '], ids=["current", "star", "list", "spaces"])
+def test_a_write_whose_if_match_names_the_current_etag_or_star_proceeds(
+    client: TestClient, method: str, if_match: str
+) -> None:
+    item = create(client, "Mine")
+    client.patch(f"/items/{item['id']}", json={"description": "theirs"})
+
+    response = client.request(method, f"/items/{item['id']}", json=CHANGES[method], headers={"If-Match": if_match})
+
+    assert response.status_code == (204 if method == "DELETE" else 200), response.text
+    if method == "DELETE":
+        assert client.get(f"/items/{item['id']}").status_code == 404
+    else:
+        assert response.json()["description"] == "lost" and response.headers["etag"] == '"3"'
+
+
+def test_a_weak_etag_never_matches_if_match(client: TestClient) -> None:
+    item = create(client)
+
+    response = client.patch(f"/items/{item['id']}", json={"description": "x"}, headers={"If-Match": 'W/"1"'})
+
+    assert response.status_code == 412
+
+
+@pytest.mark.parametrize("method", CHANGES)
+def test_if_match_on_a_missing_item_is_404(client: TestClient, method: str) -> None:
+    response = client.request(method, "/items/999999", json=CHANGES[method], headers={"If-Match": "*"})
+    assert (response.status_code, response.json()) == (404, {"detail": "Item not found"})
+
+
+def test_the_lost_update_two_clients_both_saw_version_1_the_second_gets_412(client: TestClient) -> None:
+    item = create(client, "Shared", description="v1")
+    seen = client.get(f"/items/{item['id']}").headers["etag"]
+
+    first = client.put(f"/items/{item['id']}", json={"title": "Shared", "description": "Alice"}, headers={"If-Match": seen})
+    second = client.put(f"/items/{item['id']}", json={"title": "Shared", "description": "Bob"}, headers={"If-Match": seen})
+
+    assert (first.status_code, second.status_code) == (200, 412)
+    assert client.get(f"/items/{item['id']}").json()["description"] == "Alice"
 
 
 # --- DELETE /items/{item_id} ---
