@@ -11,6 +11,7 @@ from core.config import get_settings
 from core.docs import add_offline_docs
 from core.errors import add_exception_handlers
 from items import item
+from tags import tag
 
 DESCRIPTION = """
 Create, list, update and delete items. Every request gets its own database session; writes commit
@@ -24,6 +25,7 @@ TAGS = [
         "name": "items",
         "description": "The items: a unique title and an optional description, with server-set id and timestamps.",
     },
+    {"name": "tags", "description": "Tags: names shared by items, created when an item first uses them."},
     {"name": "health", "description": "Is the app up, and does its database answer?"},
 ]
 
@@ -57,6 +59,7 @@ def create_app(async_mode: bool = db.IS_ASYNC) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
     app.include_router(health.router)
     app.include_router(item.async_router if async_mode else item.router)
+    app.include_router(tag.async_router if async_mode else tag.router)
     return app
 
 

@@ -44,12 +44,14 @@ UNAVAILABLE_RESPONSE = {503: error_response("The database cannot be reached; ret
 
 
 @contextmanager
-def duplicate_is_conflict(column: str, detail: str) -> Iterator[None]:
-    """Turn the database's unique-constraint violation on `column` into a 409, even when two requests race."""
+def duplicate_is_conflict(detail: str, constraint: str, sqlite_column: str) -> Iterator[None]:
+    """Turn the violation of one unique constraint into a 409 with `detail`, even when two requests race.
+
+    PostgreSQL names the constraint in its message ("uq_item_title"), SQLite the column ("item.title")."""
     try:
         yield
     except IntegrityError as exc:
-        if column not in str(exc.orig):
+        if constraint not in str(exc.orig) and f"UNIQUE constraint failed: {sqlite_column}" not in str(exc.orig):
             raise
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=detail) from exc
 

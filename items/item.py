@@ -1,26 +1,31 @@
-"""The items feature: its models, its statements and its routes, in sync and async mode."""
+"""The items feature: its models, its statements and its routes, in sync and async mode.
 
-from collections.abc import Callable, Sequence
+Items use tags (items -> tags): an item's tags are rows of tags.Tag, linked through tags.ItemTag.
+"""
+
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from pydantic import AfterValidator
 from pydantic import Field as Rules
 from sqlalchemy import BigInteger, Integer, Row, UniqueConstraint
-from sqlalchemy.orm import declared_attr, object_session
-from sqlmodel import Field, SQLModel, func, select
+from sqlalchemy.orm import declared_attr, joinedload, object_session
+from sqlmodel import Field, Relationship, SQLModel, func, select
 from sqlmodel.sql.expression import Select
 
 from core.db import AsyncSessionDep, SessionDep, UTCDateTime
 from core.errors import UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
 from core.etags import CHANGED_SINCE, NOT_MODIFIED, IfMatch, IfNoneMatch, etag, not_modified, require_match
+from core.paging import Id, PageLimit, PageSkip
+from core.routing import twins
+from core.rules import NO_NUL
+from core.sql import json_array
+from tags.tag import ItemTag, Tag, TagNames, get_or_create, get_or_create_async
 
-# No NUL characters: PostgreSQL cannot store them, and the API must behave the same on every database.
-NO_NUL = r"^[^\x00]*$"
-
-# The rules for each client field, declared once for ItemBase (POST, PUT) and ItemUpdate (PATCH).
+# The rules for each client field, declared once for the bodies of POST and PUT (ItemIn) and PATCH (ItemUpdate).
 Title = Annotated[
     str,
     Rules(
@@ -36,11 +41,11 @@ Description = Annotated[
     Rules(max_length=1000, pattern=NO_NUL, description="Up to 1000 characters, or null.", examples=["Two litres"]),
 ]
 
-
 ITEM_EXAMPLE = {
     "id": 1,
     "title": "Buy milk",
     "description": "Two litres",
+    "tags": ["home"],
     "version": 1,
     "created_at": "2026-11-25T09:30:00Z",
     "updated_at": "2026-11-25T09:30:00Z",
@@ -52,12 +57,19 @@ def utc_now() -> datetime:
 
 
 class ItemBase(SQLModel):
-    """The fields a client sends: the body of POST and PUT."""
-
-    model_config = {"json_schema_extra": {"examples": [{"title": "Buy milk", "description": "Two litres"}]}}  # type: ignore[assignment]
+    """The item's own fields, set by the client: shared by the request bodies, the table and the response."""
 
     title: Title
     description: Description = None
+
+
+class ItemIn(ItemBase):
+    """The body of POST and PUT: the fields and the tags (a PUT without tags clears them, as it clears a
+    missing description)."""
+
+    model_config = {"json_schema_extra": {"examples": [{"title": "Buy milk", "description": "Two litres", "tags": ["home"]}]}}  # type: ignore[assignment]
+
+    tags: TagNames = []
 
 
 class ItemUpdate(SQLModel):
@@ -68,19 +80,15 @@ class ItemUpdate(SQLModel):
     # The type stays `str`, so `"title": null` is a 422; leaving title out keeps the current one.
     title: Title = None  # type: ignore[assignment]
     description: Description = None
+    tags: TagNames = Rules(default=None, description="Replaces the item's tags when sent.")  # type: ignore[assignment]
 
 
 class Item(ItemBase, table=True):
-    """An item as stored, and as returned to the client."""
+    """An item as stored."""
 
     # A named constraint, so a violation can be told apart from any other; and on SQLite, AUTOINCREMENT
     # so the id of a deleted item is never given to a new one (PostgreSQL's sequences never reuse ids).
     __table_args__ = (UniqueConstraint("title", name="uq_item_title"), {"sqlite_autoincrement": True})
-    # Every field appears in every response, so the response schema marks them all as required.
-    model_config = {  # type: ignore[assignment]
-        "json_schema_serialization_defaults_required": True,
-        "json_schema_extra": {"examples": [ITEM_EXAMPLE]},
-    }
 
     # 64-bit ids on PostgreSQL; SQLite's INTEGER PRIMARY KEY is 64-bit already (and must be spelled so).
     id: int | None = Field(
@@ -97,6 +105,9 @@ class Item(ItemBase, table=True):
     updated_at: datetime = Field(
         default_factory=utc_now, sa_type=UTCDateTime, description="UTC, changes on every update."
     )
+    # lazy="raise": reading item.tags without loading them in the same query is an error, never a hidden
+    # query per item (sync mode) or a MissingGreenlet (async mode). The database deletes the links.
+    tags: list[Tag] = Relationship(link_model=ItemTag, sa_relationship_kwargs={"lazy": "raise", "passive_deletes": True})
 
     @declared_attr.directive
     def __mapper_args__(cls) -> dict[str, Any]:
@@ -105,33 +116,67 @@ class Item(ItemBase, table=True):
         return {"version_id_col": cls.__table__.c.version}  # type: ignore[attr-defined]
 
 
+class ItemOut(ItemBase):
+    """An item as returned to the client."""
+
+    # Every field appears in every response, so the response schema marks them all as required.
+    model_config = {  # type: ignore[assignment]
+        "json_schema_serialization_defaults_required": True,
+        "json_schema_extra": {"examples": [ITEM_EXAMPLE]},
+    }
+
+    id: int
+    tags: Annotated[list[str], AfterValidator(sorted)] = Rules(description="Tag names, sorted.")
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
 # --- What both modes share: statements, checks and the mapping of errors to status codes ---
 
 NOT_FOUND = "Item not found"
 TITLE_TAKEN = "An item with this title already exists"
 
-count_items = select(func.count()).select_from(Item)
+# Each item's tag names in a column of its own: a page of any size is one statement, never one per item.
+tag_names = select(json_array(Tag.name)).select_from(ItemTag).join(Tag).where(ItemTag.item_id == Item.id)
+ITEM_COLUMNS = [*Item.__table__.columns, tag_names.scalar_subquery().label("tags")]
 
 
-def page_of_items(skip: int, limit: int) -> Select[Any]:
+def tagged(tag: str) -> Any:
+    return Item.id.in_(select(ItemTag.item_id).join(Tag).where(Tag.name == tag))  # type: ignore[union-attr]
+
+
+def count_items(tag: str | None) -> Select[Any]:
+    if tag is None:
+        return select(func.count()).select_from(Item)
+    return select(func.count()).select_from(ItemTag).join(Tag).where(Tag.name == tag)
+
+
+def page_of_items(skip: int, limit: int, tag: str | None) -> Select[Any]:
     """A page of items in id order; every row also carries the count of all items (one query, one snapshot).
 
     The rows are plain columns, not ORM objects: a page that is only read needs no identity map or change
-    tracking, and building those was most of a list's cost. The response model makes each row an Item.
+    tracking, and building those was most of a list's cost. The response model makes each row an ItemOut.
     """
-    columns = [*Item.__table__.columns, count_items.scalar_subquery().label("total")]
-    return select(*columns).order_by(Item.id).offset(skip).limit(limit)
+    page = select(*ITEM_COLUMNS, count_items(tag).scalar_subquery().label("total"))
+    if tag is not None:
+        page = page.where(tagged(tag))
+    return page.order_by(Item.id).offset(skip).limit(limit)
 
 
-def found(item: Item | None) -> Item:
+def one_item(item_id: int) -> Select[Any]:
+    return select(*ITEM_COLUMNS).where(Item.id == item_id)
+
+
+# A write reads the row with a lock (FOR UPDATE on PostgreSQL; SQLite writes one at a time), its tags in the
+# same query: two writers take turns, each applying its change whole to what the other left (last writer wins).
+FOR_WRITING = {"options": [joinedload(Item.tags)], "with_for_update": {"of": Item}}
+
+
+def found(item: Any) -> Any:
     if item is None:
         raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=NOT_FOUND)
     return item
-
-
-# A write reads the row with a lock (SELECT ... FOR UPDATE on PostgreSQL; SQLite writes one at a time): two
-# writers take turns, so each applies its change whole to the state the other left (last writer wins).
-LOCKED = {"with_for_update": True}
 
 
 def current(item: Item | None, if_match: str | None) -> Item:
@@ -140,23 +185,38 @@ def current(item: Item | None, if_match: str | None) -> Item:
     return item  # type: ignore[return-value]
 
 
-def apply_changes(item: Item, changes: dict[str, Any]) -> bool:
-    """Set the fields; True if that changed anything. A write that changes nothing writes nothing."""
-    item.sqlmodel_update(changes)
+def new_item(item_in: ItemIn, tags: Sequence[Tag]) -> Item:
+    item = Item.model_validate(item_in.model_dump(exclude={"tags"}))
+    item.tags = list(tags)
+    return item
+
+
+def apply_changes(item: Item, fields: dict[str, Any], tags: Sequence[Tag] | None) -> bool:
+    """Set the fields (and the tags, if given); True if that changed anything. A write that changes nothing
+    writes nothing."""
+    item.sqlmodel_update(fields)
+    if tags is not None:
+        item.tags = list(tags)
     if not object_session(item).is_modified(item):  # type: ignore[union-attr]
         return False
     item.updated_at = utc_now()
     return True
 
 
-def with_etag(item: Item, response: Response) -> Item:
+def out(item: Item, response: Response) -> ItemOut:
+    """The item as the client sees it, with its ETag."""
     response.headers["ETag"] = etag(item.version)
-    return item
+    return ItemOut(**item.model_dump(), tags=[tag.name for tag in item.tags])
+
+
+def row_out(row: Row[Any], response: Response) -> Row[Any]:
+    response.headers["ETag"] = etag(row.version)
+    return row
 
 
 def unique_title() -> AbstractContextManager[None]:
-    """Around a commit: a title another item already has is a 409 (the database's constraint decides)."""
-    return duplicate_is_conflict("title", TITLE_TAKEN)
+    """Around a write: a title another item already has is a 409 (the database's constraint decides)."""
+    return duplicate_is_conflict(TITLE_TAKEN, "uq_item_title", "item.title")
 
 
 ITEM_NOT_FOUND = {404: error_response("No item has this id.", NOT_FOUND)}
@@ -168,12 +228,8 @@ BAD_BODY = {
 }
 TITLE_CONFLICT = {409: error_response("Another item already has this title.", TITLE_TAKEN)}
 WRITE_ERRORS = BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT | CHANGED_SINCE
-
-# Ids and offsets are 64-bit in the database; a larger number is a 422, not a database error.
-BIGINT_MAX = 2**63 - 1
-ItemId = Annotated[int, Path(ge=-BIGINT_MAX - 1, le=BIGINT_MAX, description="The item's id.")]
-PageSkip = Annotated[int, Query(ge=0, le=BIGINT_MAX, description="How many items to skip.")]
-PageLimit = Annotated[int, Query(ge=1, le=100, description="How many items to return, at most 100.")]
+ItemId = Annotated[Id, Rules(description="The item's id.")]
+TagFilter = Annotated[str | None, Query(description="Only the items that have this tag.")]
 
 # --- Sync mode (the default): `def` routes run in a worker thread with a `Session` ---
 
@@ -181,62 +237,66 @@ router = APIRouter(prefix="/items", tags=["items"], responses=UNAVAILABLE_RESPON
 
 
 @router.post("/", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=BAD_BODY | TITLE_CONFLICT)
-def create_item(item_in: ItemBase, session: SessionDep, response: Response) -> Item:
-    """Create an item; the server assigns its id, version and timestamps and answers with its Location and ETag."""
-    item = Item.model_validate(item_in)
+def create_item(item_in: ItemIn, session: SessionDep, response: Response) -> ItemOut:
+    """Create an item with its tags (new tag names become tags); answers with its Location and ETag."""
+    # One transaction: if the title is taken, the tags made for this item are rolled back with it.
+    item = new_item(item_in, get_or_create(session, item_in.tags))
     session.add(item)
     with unique_title():
         session.commit()
     response.headers["Location"] = f"/items/{item.id}"
-    return with_etag(item, response)
+    return out(item, response)
 
 
 # The route returns rows, so the response model is declared here rather than by the return type.
-@router.get("/", summary="List items", response_model=list[Item])
+@router.get("/", summary="List items", response_model=list[ItemOut])
 def list_items(
-    session: SessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100
+    session: SessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100, tag: TagFilter = None
 ) -> Sequence[Row[Any]]:
     """List items ordered by id, one page at a time; the X-Total-Count header gives the number of all items."""
-    page = session.exec(page_of_items(skip, limit)).all()
+    page = session.exec(page_of_items(skip, limit, tag)).all()
     # A page past the end has no row to carry the count: only then is it a query of its own.
-    response.headers["X-Total-Count"] = str(page[0].total if page else session.exec(count_items).one())
+    response.headers["X-Total-Count"] = str(page[0].total if page else session.exec(count_items(tag)).one())
     return page
 
 
 # Returning a Response (the 304) bypasses the response model, so it is declared here.
-@router.get("/{item_id}", summary="Read an item", response_model=Item, responses=ITEM_NOT_FOUND | NOT_MODIFIED)
+@router.get("/{item_id}", summary="Read an item", response_model=ItemOut, responses=ITEM_NOT_FOUND | NOT_MODIFIED)
 def read_item(
     item_id: ItemId, session: SessionDep, response: Response, if_none_match: IfNoneMatch = None
-) -> Item | Response:
+) -> Row[Any] | Response:
     """Return the item with this id and its ETag; 304 with no body if If-None-Match names that ETag."""
-    item = found(session.get(Item, item_id))
+    item = found(session.exec(one_item(item_id)).first())
     if not_modified(if_none_match, item.version):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag(item.version)})
-    return with_etag(item, response)
+    return row_out(item, response)
 
 
 @router.put("/{item_id}", summary="Replace an item", responses=WRITE_ERRORS)
 def replace_item(
-    item_id: ItemId, item_in: ItemBase, session: SessionDep, response: Response, if_match: IfMatch = None
-) -> Item:
-    """Replace every client field of the item (a description left out becomes null); If-Match makes it conditional."""
-    item = current(session.get(Item, item_id, **LOCKED), if_match)
-    if apply_changes(item, item_in.model_dump()):
+    item_id: ItemId, item_in: ItemIn, session: SessionDep, response: Response, if_match: IfMatch = None
+) -> ItemOut:
+    """Replace the item's fields and tags (those left out become null and none); If-Match makes it conditional."""
+    item = current(session.get(Item, item_id, **FOR_WRITING), if_match)
+    tags = get_or_create(session, item_in.tags)
+    if apply_changes(item, item_in.model_dump(exclude={"tags"}), tags):
         with unique_title():
             session.commit()
-    return with_etag(item, response)
+    return out(item, response)
 
 
 @router.patch("/{item_id}", summary="Update an item", responses=WRITE_ERRORS)
 def update_item(
     item_id: ItemId, changes: ItemUpdate, session: SessionDep, response: Response, if_match: IfMatch = None
-) -> Item:
-    """Change only the fields sent (`"description": null` clears it); If-Match makes it conditional."""
-    item = current(session.get(Item, item_id, **LOCKED), if_match)
-    if apply_changes(item, changes.model_dump(exclude_unset=True)):
+) -> ItemOut:
+    """Change only the fields sent (`"description": null` clears it; `tags` replaces them); If-Match makes it
+    conditional."""
+    item = current(session.get(Item, item_id, **FOR_WRITING), if_match)
+    tags = None if changes.tags is None else get_or_create(session, changes.tags)
+    if apply_changes(item, changes.model_dump(exclude_unset=True, exclude={"tags"}), tags):
         with unique_title():
             session.commit()
-    return with_etag(item, response)
+    return out(item, response)
 
 
 @router.delete(
@@ -246,91 +306,71 @@ def update_item(
     responses=ITEM_NOT_FOUND | CHANGED_SINCE,
 )
 def delete_item(item_id: ItemId, session: SessionDep, if_match: IfMatch = None) -> None:
-    """Delete the item with this id; If-Match makes it conditional."""
-    session.delete(current(session.get(Item, item_id, **LOCKED), if_match))
+    """Delete the item with this id (its tags stay); If-Match makes it conditional."""
+    session.delete(current(session.get(Item, item_id, with_for_update=True), if_match))
     session.commit()
 
 
 # --- Async mode: the same routes as `async def` with an `AsyncSession`; only the I/O differs ---
 
 async_router = APIRouter()
-Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
-
-
-def same_route_as(sync_endpoint: Callable[..., Any]) -> Callable[[Endpoint], Endpoint]:
-    """Register an async route with the path, response model, status, docs and error responses of its sync twin."""
-    twin = next(route for route in router.routes if isinstance(route, APIRoute) and route.endpoint is sync_endpoint)
-
-    def register(endpoint: Endpoint) -> Endpoint:
-        async_router.add_api_route(
-            twin.path,
-            endpoint,
-            methods=list(twin.methods),
-            response_model=twin.response_model,
-            status_code=twin.status_code,
-            tags=twin.tags,
-            summary=twin.summary,
-            description=twin.description,
-            responses=twin.responses,
-            name=twin.name,
-        )
-        return endpoint
-
-    return register
+same_route_as = twins(router, async_router)
 
 
 @same_route_as(create_item)
-async def create_item_async(item_in: ItemBase, session: AsyncSessionDep, response: Response) -> Item:
-    item = Item.model_validate(item_in)
+async def create_item_async(item_in: ItemIn, session: AsyncSessionDep, response: Response) -> ItemOut:
+    item = new_item(item_in, await get_or_create_async(session, item_in.tags))
     session.add(item)
     with unique_title():
         await session.commit()
     response.headers["Location"] = f"/items/{item.id}"
-    return with_etag(item, response)
+    return out(item, response)
 
 
 @same_route_as(list_items)
 async def list_items_async(
-    session: AsyncSessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100
+    session: AsyncSessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100, tag: TagFilter = None
 ) -> Sequence[Row[Any]]:
-    page = (await session.exec(page_of_items(skip, limit))).all()
-    response.headers["X-Total-Count"] = str(page[0].total if page else (await session.exec(count_items)).one())
+    page = (await session.exec(page_of_items(skip, limit, tag))).all()
+    response.headers["X-Total-Count"] = str(page[0].total if page else (await session.exec(count_items(tag))).one())
     return page
 
 
 @same_route_as(read_item)
 async def read_item_async(
     item_id: ItemId, session: AsyncSessionDep, response: Response, if_none_match: IfNoneMatch = None
-) -> Item | Response:
-    item = found(await session.get(Item, item_id))
+) -> Row[Any] | Response:
+    item = found((await session.exec(one_item(item_id))).first())
     if not_modified(if_none_match, item.version):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag(item.version)})
-    return with_etag(item, response)
+    return row_out(item, response)
 
 
 @same_route_as(replace_item)
 async def replace_item_async(
-    item_id: ItemId, item_in: ItemBase, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
-) -> Item:
-    item = current(await session.get(Item, item_id, **LOCKED), if_match)
-    if apply_changes(item, item_in.model_dump()):
+    item_id: ItemId, item_in: ItemIn, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
+) -> ItemOut:
+    item = current(await session.get(Item, item_id, **FOR_WRITING), if_match)
+    tags = await get_or_create_async(session, item_in.tags)
+    if apply_changes(item, item_in.model_dump(exclude={"tags"}), tags):
         with unique_title():
             await session.commit()
-    return with_etag(item, response)
+    return out(item, response)
 
 
 @same_route_as(update_item)
 async def update_item_async(
     item_id: ItemId, changes: ItemUpdate, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
-) -> Item:
-    item = current(await session.get(Item, item_id, **LOCKED), if_match)
-    if apply_changes(item, changes.model_dump(exclude_unset=True)):
+) -> ItemOut:
+    item = current(await session.get(Item, item_id, **FOR_WRITING), if_match)
+    tags = None if changes.tags is None else await get_or_create_async(session, changes.tags)
+    if apply_changes(item, changes.model_dump(exclude_unset=True, exclude={"tags"}), tags):
         with unique_title():
             await session.commit()
-    return with_etag(item, response)
+    return out(item, response)
 
 
 @same_route_as(delete_item)
 async def delete_item_async(item_id: ItemId, session: AsyncSessionDep, if_match: IfMatch = None) -> None:
-    await session.delete(current(await session.get(Item, item_id, **LOCKED), if_match))
+    await session.delete(current(await session.get(Item, item_id, with_for_update=True), if_match))
     await session.commit()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+import httpx
 import psycopg
 from sqlalchemy import make_url
 
@@ -208,6 +209,7 @@ SETUP_COMMANDS = {
     "python -m pip install -r requirements.txt",
 }
 SERVER_COMMAND = "uvicorn main:app"
+REVISION_COMMAND = "alembic revision"
 
 
 def split_environment(command: str) -> tuple[dict[str, str], str]:
@@ -223,7 +225,8 @@ def split_environment(command: str) -> tuple[dict[str, str], str]:
 
 
 def kind(command: str) -> str:
-    """What the docs test does with a command: "server", "suite", "setup" (stood in for) or "run"."""
+    """What the docs test does with a command: "server", "suite", "setup" (stood in for), "revision" (run, and
+    in the PostgreSQL pass too: it writes a migration later steps need) or "run"."""
     if "\n" in command:
         return "run"
     _, rest = split_environment(command)
@@ -231,6 +234,8 @@ def kind(command: str) -> str:
         return "server"
     if "pytest" in rest:
         return "suite"
+    if rest.startswith(f"{REVISION_COMMAND} "):
+        return "revision"
     parts = [split_environment(part)[1] for part in command.split("&&")]
     if all(part in SETUP_COMMANDS for part in parts):
         return "setup"
@@ -363,6 +368,21 @@ class DocServer(Server):
         """The log as the reader's terminal shows it: a server on port 8000."""
         return self.read_log().replace(f"127.0.0.1:{self.port}", f"127.0.0.1:{READER_PORT}")
 
+    def wait_until_ready(self, timeout: float = 30) -> None:
+        """Ready when /health answers at all: a server whose models and database differ serves too, and says so
+        there with a 503 (a document may show just that)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.read_log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the server did not answer within {timeout} s:\n{self.stop()}")
+
 
 def copy_repository(destination: Path) -> Path:
     """The reader's working copy: the repository's files, without databases, caches or virtual environments."""
@@ -370,6 +390,16 @@ def copy_repository(destination: Path) -> Path:
         ".git", ".venv", "venv", "__pycache__", ".*_cache", ".hypothesis", "*.db", "*.db-wal", "*.db-shm"
     )
     return Path(shutil.copytree(ROOT, destination / "repository", ignore=ignore))
+
+
+GIT = ["git", "-c", "user.name=Reader", "-c", "user.email=reader@example.invalid", "-c", "commit.gpgsign=false"]
+
+
+def make_fresh_clone(repository: Path) -> None:
+    """Make the copy a git repository whose one commit holds its files, as a fresh clone: `git diff` then shows
+    exactly the reader's changes."""
+    for arguments in (["init", "-q"], ["add", "-A"], ["commit", "-q", "--no-verify", "-m", "As cloned"]):
+        subprocess.run([*GIT, *arguments], cwd=repository, check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
 
 
 @dataclass
@@ -392,6 +422,7 @@ class DocRun:
 
     def __post_init__(self) -> None:
         self.repository = copy_repository(self.workdir)
+        make_fresh_clone(self.repository)
         self.environment = reader_environment()
 
     def run(self) -> None:
@@ -403,6 +434,10 @@ class DocRun:
                 elif new_file(block):
                     write_new_file(block, self.repository)
                 elif needs_postgresql != self.postgresql:
+                    if self.postgresql:
+                        for command in read_commands(block):
+                            if kind(command.text) == "revision":
+                                self.write_revision_elsewhere(command)
                     continue
                 elif block.info == "server-log":
                     self.check_server_log(block)
@@ -424,11 +459,18 @@ class DocRun:
         self.report(f"$ {command.text}")
         if what == "server":
             self.start_server(command)
-        elif what == "run":
+        elif what in ("run", "revision"):
             self.run_in_shell(command)
         # "setup" and "suite" commands are checked by test_workshop, without running them.
 
-    def run_in_shell(self, command: Command) -> None:
+    def write_revision_elsewhere(self, command: Command) -> None:
+        """PostgreSQL pass: an `alembic revision` of the SQLite steps still writes its migration, which later
+        PostgreSQL steps migrate with; it compares against a scratch SQLite database at the newest revision."""
+        scratch = {"DATABASE_URL": f"sqlite:///{self.workdir / 'scratch.db'}"}
+        self.run_in_shell(Command(f"{BIN}/alembic upgrade head", None, command.line, command.document), scratch)
+        self.run_in_shell(command, scratch)
+
+    def run_in_shell(self, command: Command, settings: dict[str, str] | None = None) -> None:
         text = self.rename_databases(command.text).replace(VENV, f"{BIN}/")
         if READER_ADDRESS.search(text):
             if self.server is None:
@@ -439,7 +481,7 @@ class DocRun:
             ["bash", "-c", text],
             check=False,
             cwd=self.repository,
-            env=self.environment,
+            env=self.environment | (settings or {}),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

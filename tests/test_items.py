@@ -26,7 +26,8 @@ def test_create_item_returns_201_with_the_item_and_its_location(client: TestClie
 
     assert response.status_code == 201
     item = response.json()
-    assert set(item) == {"id", "title", "description", "version", "created_at", "updated_at"}
+    assert set(item) == {"id", "title", "description", "tags", "version", "created_at", "updated_at"}
+    assert item["tags"] == []
     assert item["title"] == "Buy milk" and item["description"] == "Two litres"
     assert item["version"] == 1 and response.headers["etag"] == '"1"'
     assert isinstance(item["id"], int)

@@ -1,0 +1,228 @@
+"""The tags feature: names shared by items, the links between tags and items, and the /tags routes.
+
+Tags import no other feature; items use tags (items -> tags). The links point at the item table by name only
+(a foreign key to item.id, and `item_table` below), so this module never imports the items feature.
+"""
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Response, status
+from pydantic import AfterValidator
+from pydantic import Field as Rules
+from sqlalchemy import BigInteger, Index, Integer, Row, UniqueConstraint, column, table, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Field, Session, SQLModel, func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import Select
+
+from core.db import AsyncSessionDep, SessionDep
+from core.errors import UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
+from core.paging import PageLimit, PageSkip
+from core.routing import twins
+from core.rules import NO_NUL
+
+MAX_TAGS = 20
+TagName = Annotated[
+    str,
+    Rules(min_length=1, max_length=50, pattern=NO_NUL, description="1 to 50 characters, unique.", examples=["home"]),
+]
+
+
+def distinct(names: list[str]) -> list[str]:
+    """Repeated names count once; more than MAX_TAGS different ones is a 422."""
+    unique = sorted(set(names))
+    if len(unique) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} different tags")
+    return unique
+
+
+TagNames = Annotated[
+    list[TagName],
+    AfterValidator(distinct),
+    Rules(description=f"Tag names; repeated ones count once, at most {MAX_TAGS}.", examples=[["home", "work"]]),
+]
+NameInPath = Annotated[str, Path(min_length=1, max_length=50, pattern=NO_NUL, description="The tag's name.")]
+BIGINT = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class TagBase(SQLModel):
+    """The fields a client sends: the body of PATCH /tags/{name}, which renames the tag."""
+
+    name: TagName
+
+
+class Tag(TagBase, table=True):
+    """A tag as stored; created on first use by an item, shared by every item that has it."""
+
+    __table_args__ = (UniqueConstraint("name", name="uq_tag_name"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BIGINT)
+
+
+class ItemTag(SQLModel, table=True):
+    """Which item has which tag. Deleting an item or a tag deletes its links, in the schema (ON DELETE CASCADE)."""
+
+    __tablename__ = "item_tag"
+    # The primary key (item_id, tag_id) finds an item's tags; this index finds a tag's items.
+    __table_args__ = (Index("ix_item_tag_tag_id_item_id", "tag_id", "item_id"),)
+
+    item_id: int = Field(foreign_key="item.id", ondelete="CASCADE", primary_key=True, sa_type=BIGINT)
+    tag_id: int = Field(foreign_key="tag.id", ondelete="CASCADE", primary_key=True, sa_type=BIGINT)
+
+
+class TagOut(TagBase):
+    """A tag as returned: its name and how many items have it."""
+
+    item_count: int = Field(description="How many items have this tag.")
+
+
+# --- What both modes share ---
+
+NOT_FOUND = "Tag not found"
+NAME_TAKEN = "A tag with this name already exists"
+TAG_NOT_FOUND = {404: error_response("No tag has this name.", NOT_FOUND)}
+NAME_CONFLICT = {409: error_response("Another tag already has this name.", NAME_TAKEN)}
+
+items_with_the_tag = select(func.count()).where(ItemTag.tag_id == Tag.id).scalar_subquery()
+count_tags = select(func.count()).select_from(Tag)
+# The items a tag is on, known by table name only: a rename or a delete changes how they read, so their
+# versions (and ETags) move too.
+item_table = table("item", column("id"), column("version"))
+
+
+def page_of_tags(skip: int, limit: int) -> Select[Any]:
+    """A page of tags by name, each with its item count and the count of all tags (one query)."""
+    columns = [Tag.name, items_with_the_tag.label("item_count"), count_tags.scalar_subquery().label("total")]
+    return select(*columns).order_by(Tag.name).offset(skip).limit(limit)
+
+
+def tag_named(name: str) -> Select[Any]:
+    return select(Tag.name, items_with_the_tag.label("item_count")).where(Tag.name == name)
+
+
+def found(row: Any) -> Any:
+    if row is None:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=NOT_FOUND)
+    return row
+
+
+def new_versions_for_items_tagged(tag_id: int) -> Any:
+    tagged = select(ItemTag.item_id).where(ItemTag.tag_id == tag_id)
+    return update(item_table).where(item_table.c.id.in_(tagged)).values(version=item_table.c.version + 1)
+
+
+def unique_name() -> Any:
+    return duplicate_is_conflict(NAME_TAKEN, "uq_tag_name", "tag.name")
+
+
+# --- What items use: tags by name, created on first use ---
+
+
+def insert_missing(dialect_name: str, names: list[str]) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING: twenty requests that bring the same new name at once all succeed,
+    and the database keeps one row (the others wait for the first one's commit, then skip it)."""
+    insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+    # In name order, so two requests bringing the same names lock them in the same order (no deadlock).
+    return insert(Tag).values([{"name": name} for name in sorted(names)]).on_conflict_do_nothing()
+
+
+def tags_named(names: list[str]) -> Any:
+    return select(Tag).where(Tag.name.in_(names))  # type: ignore[attr-defined]
+
+
+def get_or_create(session: Session, names: list[str]) -> Sequence[Tag]:
+    """The Tag rows with these names, inserting those that do not exist yet (in the caller's transaction)."""
+    if not names:
+        return []
+    session.execute(insert_missing(session.get_bind().dialect.name, names))
+    return session.exec(tags_named(names)).all()
+
+
+async def get_or_create_async(session: AsyncSession, names: list[str]) -> Sequence[Tag]:
+    if not names:
+        return []
+    await session.execute(insert_missing(session.get_bind().dialect.name, names))
+    return (await session.exec(tags_named(names))).all()
+
+
+# --- Sync mode: `def` routes run in a worker thread with a `Session` ---
+
+router = APIRouter(prefix="/tags", tags=["tags"], responses=UNAVAILABLE_RESPONSE)
+
+
+# The route returns rows, so the response model is declared here rather than by the return type.
+@router.get("/", summary="List tags", response_model=list[TagOut])
+def list_tags(
+    session: SessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100
+) -> Sequence[Row[Any]]:
+    """List tags ordered by name, each with its item count; X-Total-Count gives the number of all tags."""
+    page = session.exec(page_of_tags(skip, limit)).all()
+    response.headers["X-Total-Count"] = str(page[0].total if page else session.exec(count_tags).one())
+    return page
+
+
+@router.get("/{name:path}", summary="Read a tag", response_model=TagOut, responses=TAG_NOT_FOUND)
+def read_tag(name: NameInPath, session: SessionDep) -> Row[Any]:
+    """Return the tag with this name and how many items have it."""
+    return found(session.exec(tag_named(name)).first())
+
+
+@router.patch(
+    "/{name:path}", summary="Rename a tag", response_model=TagOut, responses=TAG_NOT_FOUND | NAME_CONFLICT
+)
+def rename_tag(name: NameInPath, renamed: TagBase, session: SessionDep) -> Row[Any]:
+    """Rename the tag; every item that has it shows the new name."""
+    tag = found(session.exec(select(Tag).where(Tag.name == name).with_for_update()).first())
+    tag.name = renamed.name
+    session.execute(new_versions_for_items_tagged(tag.id))
+    with unique_name():
+        session.commit()
+    return session.exec(tag_named(tag.name)).one()
+
+
+@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a tag", responses=TAG_NOT_FOUND)
+def delete_tag(name: NameInPath, session: SessionDep) -> None:
+    """Delete the tag: it leaves every item that had it, and the items stay."""
+    tag = found(session.exec(select(Tag).where(Tag.name == name).with_for_update()).first())
+    session.execute(new_versions_for_items_tagged(tag.id))
+    session.delete(tag)
+    session.commit()
+
+
+# --- Async mode: the same routes as `async def` with an `AsyncSession`; only the I/O differs ---
+
+async_router = APIRouter()
+same_route_as = twins(router, async_router)
+
+
+@same_route_as(list_tags)
+async def list_tags_async(
+    session: AsyncSessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100
+) -> Sequence[Row[Any]]:
+    page = (await session.exec(page_of_tags(skip, limit))).all()
+    response.headers["X-Total-Count"] = str(page[0].total if page else (await session.exec(count_tags)).one())
+    return page
+
+
+@same_route_as(read_tag)
+async def read_tag_async(name: NameInPath, session: AsyncSessionDep) -> Row[Any]:
+    return found((await session.exec(tag_named(name))).first())
+
+
+@same_route_as(rename_tag)
+async def rename_tag_async(name: NameInPath, renamed: TagBase, session: AsyncSessionDep) -> Row[Any]:
+    tag = found((await session.exec(select(Tag).where(Tag.name == name).with_for_update())).first())
+    tag.name = renamed.name
+    await session.execute(new_versions_for_items_tagged(tag.id))
+    with unique_name():
+        await session.commit()
+    return (await session.exec(tag_named(tag.name))).one()
+
+
+@same_route_as(delete_tag)
+async def delete_tag_async(name: NameInPath, session: AsyncSessionDep) -> None:
+    tag = found((await session.exec(select(Tag).where(Tag.name == name).with_for_update())).first())
+    await session.execute(new_versions_for_items_tagged(tag.id))
+    await session.delete(tag)
+    await session.commit()
