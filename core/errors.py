@@ -39,6 +39,13 @@ def error_response(description: str, detail: str) -> dict[str, Any]:
     return {"model": Error, "description": description, "content": {"application/json": {"example": {"detail": detail}}}}
 
 
+# What any route that reads a body can answer besides 422.
+BAD_BODY = {
+    400: error_response(
+        "The body is not JSON text, or the database rejected a value.", "There was an error parsing the body"
+    ),
+    413: error_response("The body is larger than the limit (1 MiB by default).", "Request body too large"),
+}
 # The error every database-backed route can answer with.
 UNAVAILABLE_RESPONSE = {503: error_response("The database cannot be reached; retry later.", DATABASE_UNAVAILABLE)}
 

@@ -17,7 +17,7 @@ from sqlmodel import Field, Relationship, SQLModel, func, select
 from sqlmodel.sql.expression import Select
 
 from core.db import AsyncSessionDep, SessionDep, UTCDateTime
-from core.errors import UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
+from core.errors import BAD_BODY, UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
 from core.etags import CHANGED_SINCE, NOT_MODIFIED, IfMatch, IfNoneMatch, etag, not_modified, require_match
 from core.paging import Id, PageLimit, PageSkip
 from core.routing import twins
@@ -220,12 +220,6 @@ def unique_title() -> AbstractContextManager[None]:
 
 
 ITEM_NOT_FOUND = {404: error_response("No item has this id.", NOT_FOUND)}
-BAD_BODY = {
-    400: error_response(
-        "The body is not JSON text, or the database rejected a value.", "There was an error parsing the body"
-    ),
-    413: error_response("The body is larger than the limit (1 MiB by default).", "Request body too large"),
-}
 TITLE_CONFLICT = {409: error_response("Another item already has this title.", TITLE_TAKEN)}
 WRITE_ERRORS = BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT | CHANGED_SINCE
 ItemId = Annotated[Id, Rules(description="The item's id.")]

@@ -17,7 +17,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
 from core.db import AsyncSessionDep, SessionDep
-from core.errors import UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
+from core.errors import BAD_BODY, UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
 from core.paging import PageLimit, PageSkip
 from core.routing import twins
 from core.rules import NO_NUL
@@ -135,14 +135,14 @@ def get_or_create(session: Session, names: list[str]) -> Sequence[Tag]:
     """The Tag rows with these names, inserting those that do not exist yet (in the caller's transaction)."""
     if not names:
         return []
-    session.execute(insert_missing(session.get_bind().dialect.name, names))
+    session.exec(insert_missing(session.get_bind().dialect.name, names))
     return session.exec(tags_named(names)).all()
 
 
 async def get_or_create_async(session: AsyncSession, names: list[str]) -> Sequence[Tag]:
     if not names:
         return []
-    await session.execute(insert_missing(session.get_bind().dialect.name, names))
+    await session.exec(insert_missing(session.get_bind().dialect.name, names))
     return (await session.exec(tags_named(names))).all()
 
 
@@ -169,14 +169,14 @@ def read_tag(name: NameInPath, session: SessionDep) -> Row[Any]:
 
 
 @router.patch(
-    "/{name:path}", summary="Rename a tag", response_model=TagOut, responses=TAG_NOT_FOUND | NAME_CONFLICT
+    "/{name:path}", summary="Rename a tag", response_model=TagOut, responses=BAD_BODY | TAG_NOT_FOUND | NAME_CONFLICT
 )
 def rename_tag(name: NameInPath, renamed: TagBase, session: SessionDep) -> Row[Any]:
     """Rename the tag; every item that has it shows the new name."""
     tag = found(session.exec(select(Tag).where(Tag.name == name).with_for_update()).first())
     tag.name = renamed.name
-    session.execute(new_versions_for_items_tagged(tag.id))
     with unique_name():
+        session.exec(new_versions_for_items_tagged(tag.id))  # flushes the new name first
         session.commit()
     return session.exec(tag_named(tag.name)).one()
 
@@ -185,7 +185,7 @@ def rename_tag(name: NameInPath, renamed: TagBase, session: SessionDep) -> Row[A
 def delete_tag(name: NameInPath, session: SessionDep) -> None:
     """Delete the tag: it leaves every item that had it, and the items stay."""
     tag = found(session.exec(select(Tag).where(Tag.name == name).with_for_update()).first())
-    session.execute(new_versions_for_items_tagged(tag.id))
+    session.exec(new_versions_for_items_tagged(tag.id))
     session.delete(tag)
     session.commit()
 
@@ -214,8 +214,8 @@ async def read_tag_async(name: NameInPath, session: AsyncSessionDep) -> Row[Any]
 async def rename_tag_async(name: NameInPath, renamed: TagBase, session: AsyncSessionDep) -> Row[Any]:
     tag = found((await session.exec(select(Tag).where(Tag.name == name).with_for_update())).first())
     tag.name = renamed.name
-    await session.execute(new_versions_for_items_tagged(tag.id))
     with unique_name():
+        await session.exec(new_versions_for_items_tagged(tag.id))
         await session.commit()
     return (await session.exec(tag_named(tag.name))).one()
 
@@ -223,6 +223,6 @@ async def rename_tag_async(name: NameInPath, renamed: TagBase, session: AsyncSes
 @same_route_as(delete_tag)
 async def delete_tag_async(name: NameInPath, session: AsyncSessionDep) -> None:
     tag = found((await session.exec(select(Tag).where(Tag.name == name).with_for_update())).first())
-    await session.execute(new_versions_for_items_tagged(tag.id))
+    await session.exec(new_versions_for_items_tagged(tag.id))
     await session.delete(tag)
     await session.commit()

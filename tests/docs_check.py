@@ -467,7 +467,7 @@ class DocRun:
         """PostgreSQL pass: an `alembic revision` of the SQLite steps still writes its migration, which later
         PostgreSQL steps migrate with; it compares against a scratch SQLite database at the newest revision."""
         scratch = {"DATABASE_URL": f"sqlite:///{self.workdir / 'scratch.db'}"}
-        self.run_in_shell(Command(f"{BIN}/alembic upgrade head", None, command.line, command.document), scratch)
+        self.run_in_shell(Command("alembic upgrade head", None, command.line, command.document), scratch)
         self.run_in_shell(command, scratch)
 
     def run_in_shell(self, command: Command, settings: dict[str, str] | None = None) -> None:

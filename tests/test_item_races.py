@@ -22,16 +22,17 @@ WAITING_ON_A_LOCK = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AN
 
 
 @contextmanager
-def row_held(database: Database, item_id: int, waiters: int) -> Iterator[Callable[[], None]]:
-    """On PostgreSQL, lock the item's row; the caller sends its requests, calls `wait()` (until `waiters` of
-    them wait for the lock, bounded), and the lock is released on leaving. On SQLite, nothing to hold."""
+def held(database: Database, sql: str, params: tuple, waiters: int, then: str) -> Iterator[Callable[[], None]]:
+    """On PostgreSQL, run `sql` in a transaction left open (it holds its locks); the caller sends its requests
+    and calls `wait()` (until `waiters` of them wait for a lock, bounded); on leaving, the transaction ends
+    with `then` ("commit" or "rollback"). On SQLite, which writes one transaction at a time, nothing to hold."""
     if database.backend != "postgresql":
         yield lambda: None
         return
     name = make_url(database.url).database
     with admin_connection(database.url, database=name) as holder, admin_connection(database.url) as watcher:
         holder.autocommit = False
-        holder.execute("SELECT id FROM item WHERE id = %s FOR UPDATE", (item_id,))
+        holder.execute(sql, params)
 
         def wait() -> None:
             deadline = time.monotonic() + 20
@@ -40,15 +41,22 @@ def row_held(database: Database, item_id: int, waiters: int) -> Iterator[Callabl
                 time.sleep(0.05)
 
         yield wait
-        holder.rollback()
+        getattr(holder, then)()
 
 
 def send_at_once(
     database: Database, item_id: int, count: int, send: Callable[[], httpx.Response]
 ) -> list[httpx.Response]:
     """`count` requests at the same moment; on PostgreSQL all that can reach the row wait for it, then go."""
+    lock_the_row = "SELECT id FROM item WHERE id = %s FOR UPDATE"
+    return send_while_held(database, lock_the_row, (item_id,), "rollback", count, send)
+
+
+def send_while_held(
+    database: Database, sql: str, params: tuple, then: str, count: int, send: Callable[[], httpx.Response]
+) -> list[httpx.Response]:
     with ThreadPoolExecutor(max_workers=count) as pool:
-        with row_held(database, item_id, waiters=SESSIONS) as wait:
+        with held(database, sql, params, waiters=SESSIONS, then=then) as wait:
             futures = [pool.submit(send) for _ in range(count)]
             wait()
         return [future.result(timeout=60) for future in futures]
@@ -93,3 +101,25 @@ def test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every
     assert final["description"] == last["description"]
 
 
+
+
+def test_twenty_requests_that_bring_the_same_new_tag_at_once_all_succeed_and_share_one_tag(
+    server_database: Database,
+) -> None:
+    numbers = iter(range(20))
+    with running_server(server_database.url) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+
+        def create() -> httpx.Response:
+            return client.post("/items/", json={"title": f"item {next(numbers)}", "tags": ["brand-new", "z"]})
+
+        # On PostgreSQL another transaction is inserting the tag as they arrive: each one's INSERT waits for
+        # it, then finds the name taken; ON CONFLICT DO NOTHING makes that a success, not a duplicate key.
+        adding_the_tag = "INSERT INTO tag (name) VALUES (%s)"
+        responses = send_while_held(server_database, adding_the_tag, ("brand-new",), "commit", 20, create)
+        tag = client.get("/tags/brand-new").json()
+        listed = client.get("/items/", params={"tag": "brand-new"})
+
+    assert Counter(response.status_code for response in responses) == {201: 20}
+    assert tag == {"name": "brand-new", "item_count": 20}
+    assert listed.headers["x-total-count"] == "20"
+    assert all(item["tags"] == ["brand-new", "z"] for item in listed.json())

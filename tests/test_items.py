@@ -3,12 +3,20 @@
 Races between concurrent requests run against a real server: tests/test_server.py.
 """
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import Session
+from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tests.conftest import create
+from items.item import Item
+
+from tests.conftest import App, create
 
 
 def parse_utc(value: str) -> datetime:
@@ -427,6 +435,158 @@ def test_the_lost_update_two_clients_both_saw_version_1_the_second_gets_412(clie
 
     assert (first.status_code, second.status_code) == (200, 412)
     assert client.get(f"/items/{item['id']}").json()["description"] == "Alice"
+
+
+# --- Tags on items ---
+
+
+def test_an_item_is_created_with_its_tags_sorted_and_counted_once(client: TestClient) -> None:
+    item = create(client, "Tagged", tags=["work", "home", "work"])
+
+    assert item["tags"] == ["home", "work"]
+    assert client.get(f"/items/{item['id']}").json()["tags"] == ["home", "work"]
+    assert client.get("/items/").json()[0]["tags"] == ["home", "work"]
+
+
+@pytest.mark.parametrize(
+    "tags, status",
+    [
+        ([f"t{n}" for n in range(20)] * 2, 201),
+        ([f"t{n}" for n in range(21)], 422),
+        ([""], 422),
+        (["t" * 50], 201),
+        (["t" * 51], 422),
+        (["nul\u0000"], 422),
+        ("home", 422),
+    ],
+    ids=["20-distinct-repeated", "21-distinct", "empty-name", "50-characters", "51-characters", "nul", "not-a-list"],
+)
+def test_tags_are_at_most_20_distinct_names_of_1_to_50_characters(client: TestClient, tags: object, status: int) -> None:
+    response = client.post("/items/", json={"title": "Tagged", "tags": tags})
+
+    assert response.status_code == status, response.text
+    if status == 422:
+        assert response.json()["detail"][0]["loc"][:2] == ["body", "tags"]
+        assert client.get("/tags/").json() == []
+
+
+def test_put_without_tags_clears_them_and_patch_without_tags_keeps_them(client: TestClient) -> None:
+    item = create(client, "Tagged", tags=["home"])
+
+    patched = client.patch(f"/items/{item['id']}", json={"description": "kept tags"}).json()
+    put = client.put(f"/items/{item['id']}", json={"title": "Tagged"}).json()
+
+    assert patched["tags"] == ["home"]
+    assert put["tags"] == [] and put["version"] == 3
+
+
+def test_patch_with_tags_replaces_them_and_counts_the_version_up(client: TestClient) -> None:
+    item = create(client, "Tagged", tags=["home", "work"])
+
+    response = client.patch(f"/items/{item['id']}", json={"tags": ["urgent", "home"]})
+
+    assert response.json()["tags"] == ["home", "urgent"]
+    assert response.json()["version"] == 2 and response.headers["etag"] == '"2"'
+
+
+def test_patch_with_the_same_tags_in_another_order_changes_nothing(client: TestClient) -> None:
+    item = create(client, "Tagged", tags=["home", "work"])
+
+    response = client.patch(f"/items/{item['id']}", json={"tags": ["work", "home", "home"]})
+
+    assert response.json() == item
+
+
+def test_a_tag_filter_lists_only_the_items_that_have_it_and_counts_them(client: TestClient) -> None:
+    home = [create(client, f"home {n}", tags=["home"])["id"] for n in range(3)]
+    create(client, "work", tags=["work"])
+
+    response = client.get("/items/", params={"tag": "home", "limit": 2})
+    unknown = client.get("/items/", params={"tag": "nowhere"})
+
+    assert [item["id"] for item in response.json()] == home[:2]
+    assert response.headers["x-total-count"] == "3"
+    assert (unknown.json(), unknown.headers["x-total-count"]) == ([], "0")
+
+
+def test_deleting_an_item_removes_its_links_and_never_a_tag(api: App) -> None:
+    item = create(api.client, "Tagged", tags=["home"])
+
+    assert api.client.delete(f"/items/{item['id']}").status_code == 204
+
+    assert api.client.get("/tags/home").json() == {"name": "home", "item_count": 0}
+    assert api.count_rows("SELECT count(*) FROM item_tag") == 0
+
+
+def test_the_articles_case_a_taken_title_with_new_tags_leaves_none_of_those_tags(api: App) -> None:
+    create(api.client, "Taken")
+
+    response = api.client.post("/items/", json={"title": "Taken", "tags": ["brand-new", "also-new"]})
+
+    assert response.status_code == 409
+    assert response.json() == {"detail": "An item with this title already exists"}
+    assert api.client.get("/tags/").json() == []
+    assert api.count_rows("SELECT count(*) FROM tag") == 0
+
+
+def test_a_failed_replace_leaves_no_part_of_it_neither_tags_nor_fields(api: App) -> None:
+    create(api.client, "Taken")
+    item = create(api.client, "Mine", tags=["old"])
+
+    response = api.client.put(f"/items/{item['id']}", json={"title": "Taken", "tags": ["new"]})
+
+    assert response.status_code == 409
+    assert api.client.get(f"/items/{item['id']}").json() == item
+    assert [tag["name"] for tag in api.client.get("/tags/").json()] == ["old"]
+
+
+class StatementCount:
+    """Counts the SQL statements an engine runs."""
+
+    def __init__(self, api: App) -> None:
+        self.count = 0
+        engine = api.engine.sync_engine if api.database.is_async else api.engine
+        event.listen(engine, "before_cursor_execute", self.counted)
+
+    def counted(self, *_: object) -> None:
+        self.count += 1
+
+
+def statements_for(api: App, request: Callable[[], object]) -> int:
+    counter = StatementCount(api)
+    request()
+    return counter.count
+
+
+def test_a_page_of_100_items_with_their_tags_takes_as_many_statements_as_a_page_of_1(api: App) -> None:
+    for n in range(100):
+        create(api.client, f"item {n}", tags=[f"a{n}", f"b{n}", "shared"])
+
+    one = statements_for(api, lambda: api.client.get("/items/", params={"limit": 1}))
+    hundred = statements_for(api, lambda: api.client.get("/items/", params={"limit": 100}))
+    filtered = statements_for(api, lambda: api.client.get("/items/", params={"tag": "shared"}))
+
+    assert one == hundred == filtered
+    assert len(api.client.get("/items/").json()[99]["tags"]) == 3
+
+
+def test_reading_an_items_tags_without_loading_them_is_an_error_not_a_hidden_query(api: App) -> None:
+    item_id = create(api.client, "Tagged", tags=["home"])["id"]
+
+    def lazy_load(session: Session) -> None:
+        session.get(Item, item_id).tags  # noqa: B018 - the access itself is the test
+
+    with pytest.raises(InvalidRequestError, match="lazy='raise'"):
+        api.run(in_a_session, api.engine, lazy_load)
+
+
+async def in_a_session(engine: Engine | AsyncEngine, work: Callable[[Session], None]) -> None:
+    if isinstance(engine, AsyncEngine):
+        async with AsyncSession(engine) as session:
+            await session.run_sync(work)
+    else:
+        with Session(engine) as session:
+            work(session)
 
 
 # --- DELETE /items/{item_id} ---

@@ -35,10 +35,8 @@ from core.config import Settings, get_settings
 from tests.conftest import App, Database, app_for, create
 from tests.live import ROOT
 
-V1_ROWS = [
-    {"id": 1, "title": "Buy milk", "description": "Two litres"},
-    {"id": 7, "title": "Call mum", "description": None},
-]
+# As v1 stored them: ids from the database (its sequence on PostgreSQL), timestamps in UTC.
+V1_ROWS = [{"title": "Buy milk", "description": "Two litres"}, {"title": "Call mum", "description": None}]
 
 
 def made_by_v1(url: str) -> None:
@@ -178,10 +176,12 @@ def test_a_database_made_by_v1_is_adopted_with_its_rows(server_database: Databas
         created = create(api.client, "New after the upgrade")
 
     assert [(item["id"], item["title"], item["description"]) for item in listed] == [
-        (row["id"], row["title"], row["description"]) for row in V1_ROWS
+        (1, "Buy milk", "Two litres"),
+        (2, "Call mum", None),
     ]
     assert listed[0]["created_at"] == "2026-11-25T09:30:00Z"
-    assert created["id"] > 7
+    assert (listed[0]["version"], listed[0]["tags"]) == (1, []), "new columns get their defaults"
+    assert created["id"] == 3
     assert look(server_database.url, "SELECT version_num FROM alembic_version") == [(head(),)]
 
 
