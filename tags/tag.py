@@ -7,7 +7,7 @@ Tags import no other feature; items use tags (items -> tags). The links point at
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from pydantic import AfterValidator
 from pydantic import Field as Rules
 from sqlalchemy import BigInteger, Index, Integer, Row, UniqueConstraint, column, table, update
@@ -18,7 +18,7 @@ from sqlmodel.sql.expression import Select
 
 from core.db import AsyncSessionDep, SessionDep
 from core.errors import BAD_BODY, UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
-from core.paging import PageLimit, PageSkip
+from core.paging import LIST_HEADERS, PageLimit, PageSkip, one_page
 from core.routing import twins
 from core.rules import NO_NUL
 
@@ -42,6 +42,7 @@ TagNames = Annotated[
     AfterValidator(distinct),
     Rules(description=f"Tag names; repeated ones count once, at most {MAX_TAGS}.", examples=[["home", "work"]]),
 ]
+After = Annotated[str | None, Query(description="Continue after the tag with this name (the Link header's cursor).")]
 NameInPath = Annotated[str, Path(min_length=1, max_length=50, pattern=NO_NUL, description="The tag's name.")]
 BIGINT = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -91,10 +92,14 @@ count_tags = select(func.count()).select_from(Tag)
 item_table = table("item", column("id"), column("version"))
 
 
-def page_of_tags(skip: int, limit: int) -> Select[Any]:
-    """A page of tags by name, each with its item count and the count of all tags (one query)."""
+def page_of_tags(skip: int, limit: int, after: str | None) -> Select[Any]:
+    """A page of tags by name (one row more, to know whether a next page exists), each with its item count and
+    the count of all tags (one query)."""
     columns = [Tag.name, items_with_the_tag.label("item_count"), count_tags.scalar_subquery().label("total")]
-    return select(*columns).order_by(Tag.name).offset(skip).limit(limit)
+    page = select(*columns)
+    if after is not None:
+        page = page.where(Tag.name > after)
+    return page.order_by(Tag.name).offset(skip).limit(limit + 1)
 
 
 def tag_named(name: str) -> Select[Any]:
@@ -152,14 +157,20 @@ router = APIRouter(prefix="/tags", tags=["tags"], responses=UNAVAILABLE_RESPONSE
 
 
 # The route returns rows, so the response model is declared here rather than by the return type.
-@router.get("/", summary="List tags", response_model=list[TagOut])
+@router.get("/", summary="List tags", response_model=list[TagOut], responses=LIST_HEADERS)
 def list_tags(
-    session: SessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100
+    session: SessionDep,
+    request: Request,
+    response: Response,
+    after: After = None,
+    skip: PageSkip = 0,
+    limit: PageLimit = 100,
 ) -> Sequence[Row[Any]]:
-    """List tags ordered by name, each with its item count; X-Total-Count gives the number of all tags."""
-    page = session.exec(page_of_tags(skip, limit)).all()
-    response.headers["X-Total-Count"] = str(page[0].total if page else session.exec(count_tags).one())
-    return page
+    """List tags ordered by name, each with its item count, a page at a time (the Link header's next URL);
+    X-Total-Count gives the number of all tags."""
+    rows = session.exec(page_of_tags(skip, limit, after)).all()
+    response.headers["X-Total-Count"] = str(rows[0].total if rows else session.exec(count_tags).one())
+    return one_page(rows, limit, "name", request, response)
 
 
 @router.get("/{name:path}", summary="Read a tag", response_model=TagOut, responses=TAG_NOT_FOUND)
@@ -198,11 +209,16 @@ same_route_as = twins(router, async_router)
 
 @same_route_as(list_tags)
 async def list_tags_async(
-    session: AsyncSessionDep, response: Response, skip: PageSkip = 0, limit: PageLimit = 100
+    session: AsyncSessionDep,
+    request: Request,
+    response: Response,
+    after: After = None,
+    skip: PageSkip = 0,
+    limit: PageLimit = 100,
 ) -> Sequence[Row[Any]]:
-    page = (await session.exec(page_of_tags(skip, limit))).all()
-    response.headers["X-Total-Count"] = str(page[0].total if page else (await session.exec(count_tags)).one())
-    return page
+    rows = (await session.exec(page_of_tags(skip, limit, after))).all()
+    response.headers["X-Total-Count"] = str(rows[0].total if rows else (await session.exec(count_tags)).one())
+    return one_page(rows, limit, "name", request, response)
 
 
 @same_route_as(read_tag)

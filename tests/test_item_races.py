@@ -123,3 +123,16 @@ def test_twenty_requests_that_bring_the_same_new_tag_at_once_all_succeed_and_sha
     assert tag == {"name": "brand-new", "item_count": 20}
     assert listed.headers["x-total-count"] == "20"
     assert all(item["tags"] == ["brand-new", "z"] for item in listed.json())
+
+
+def test_the_total_stays_exact_under_concurrent_creates_and_deletes(server_database: Database) -> None:
+    with running_server(server_database.url) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        doomed = [client.post("/items/", json={"title": f"doomed {n}"}).json()["id"] for n in range(30)]
+        requests = [lambda n=n: client.post("/items/", json={"title": f"new {n}"}) for n in range(30)]
+        requests += [lambda item_id=item_id: client.delete(f"/items/{item_id}") for item_id in doomed]
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            statuses = Counter(response.status_code for response in pool.map(lambda send: send(), requests))
+        listed = client.get("/items/", params={"limit": 100})
+
+    assert statuses == {201: 30, 204: 30}
+    assert listed.headers["x-total-count"] == "30" and len(listed.json()) == 30

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import URL, Response
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -200,6 +201,99 @@ def test_list_items_with_bad_paging_returns_422(client: TestClient, params: dict
 def test_list_items_accepts_paging_at_the_bounds(client: TestClient, params: dict) -> None:
     create(client)
     assert client.get("/items/", params=params).status_code == 200
+
+
+# --- Paging through a long list: the Link header's cursor ---
+
+
+def next_url(response: Response) -> str | None:
+    """The URL of the Link header's rel="next", if any."""
+    link = response.headers.get("link")
+    if link is None:
+        return None
+    url, rel = link.split(";", 1)
+    assert rel.strip() == 'rel="next"', link
+    return url.strip().removeprefix("<").removesuffix(">")
+
+
+def link_target(response: Response) -> tuple[str, dict[str, str]]:
+    url = URL(str(next_url(response)))
+    return url.path, dict(url.params)
+
+
+def test_a_full_page_links_to_the_next_one_by_the_last_id_and_the_last_page_links_nowhere(
+    client: TestClient,
+) -> None:
+    ids = [create(client, f"item {n}")["id"] for n in range(5)]
+
+    first = client.get("/items/", params={"limit": 2})
+    second = client.get(next_url(first))
+    third = client.get(next_url(second))
+
+    assert link_target(first) == ("/items/", {"limit": "2", "after": str(ids[1])})
+    assert [[item["id"] for item in page.json()] for page in (first, second, third)] == [ids[:2], ids[2:4], ids[4:]]
+    assert next_url(third) is None
+    assert {page.headers["x-total-count"] for page in (first, second, third)} == {"5"}
+
+
+def test_a_page_that_ends_exactly_at_the_last_item_links_nowhere(client: TestClient) -> None:
+    for n in range(4):
+        create(client, f"item {n}")
+
+    response = client.get("/items/", params={"limit": 4})
+
+    assert len(response.json()) == 4 and next_url(response) is None
+
+
+def test_the_next_link_keeps_the_tag_filter_and_the_limit_and_drops_skip(client: TestClient) -> None:
+    tagged = [create(client, f"home {n}", tags=["home"])["id"] for n in range(3)]
+    create(client, "work", tags=["work"])
+
+    first = client.get("/items/", params={"tag": "home", "limit": 1, "skip": 1})
+    rest = client.get(next_url(first))
+
+    assert link_target(first) == ("/items/", {"tag": "home", "limit": "1", "after": str(tagged[1])})
+    assert [item["id"] for item in rest.json()] == [tagged[2]]
+    assert rest.headers["x-total-count"] == "3"
+
+
+def test_following_the_links_visits_every_item_once_in_id_order_while_items_come_and_go(client: TestClient) -> None:
+    ids = [create(client, f"item {n}")["id"] for n in range(10)]
+    seen: list[int] = []
+    url: str | None = "/items/?limit=3"
+    changes = iter(
+        [
+            lambda: (
+                client.delete(f"/items/{ids[1]}"),  # already seen: changes nothing ahead
+                client.delete(f"/items/{ids[7]}"),  # not seen yet: never shown
+            ),
+            lambda: create(client, "added while paging"),  # a new, higher id: shown at the end
+        ]
+    )
+    while url:
+        response = client.get(url)
+        seen += [item["id"] for item in response.json()]
+        next(changes, lambda: None)()
+        url = next_url(response)
+
+    added = client.get("/items/", params={"after": ids[-1]}).json()[0]["id"]
+    assert seen == [*ids[:7], *ids[8:], added]
+
+
+@pytest.mark.parametrize("params", [{"after": "x"}, {"after": 2**63}])
+def test_a_cursor_that_is_not_a_64_bit_id_is_422(client: TestClient, params: dict) -> None:
+    response = client.get("/items/", params=params)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "after"]
+
+
+def test_the_total_counts_every_insert_and_delete_whoever_makes_them(api: App) -> None:
+    for n in range(3):
+        create(api.client, f"item {n}")
+    api.execute("INSERT INTO item (title, created_at, updated_at) VALUES ('by sql', '2026-01-01', '2026-01-01')")
+    api.execute("DELETE FROM item WHERE title IN ('item 0', 'item 1')")
+
+    assert api.client.get("/items/").headers["x-total-count"] == "2"
+    assert api.count_rows() == 2
 
 
 # --- GET /items/{item_id} ---

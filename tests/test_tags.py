@@ -92,3 +92,13 @@ def test_deleting_a_tag_takes_it_off_every_item_and_the_items_stay(client: TestC
     assert after["tags"] == ["work"] and after["version"] == 2
     assert client.get("/tags/home").status_code == 404
     assert client.get("/items/").headers["x-total-count"] == "1"
+
+
+def test_a_full_page_of_tags_links_to_the_next_one_by_name(client: TestClient) -> None:
+    create(client, "one", tags=["c", "a", "b"])
+
+    first = client.get("/tags/", params={"limit": 2})
+    rest = client.get(first.headers["link"].split(";")[0].strip("<>"))
+
+    assert [tag["name"] for tag in first.json()] == ["a", "b"]
+    assert [tag["name"] for tag in rest.json()] == ["c"] and "link" not in rest.headers
