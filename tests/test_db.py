@@ -274,6 +274,18 @@ def test_only_a_connection_idle_for_a_while_is_pinged(
     assert len(pings) == 1
 
 
+def test_shutdown_closes_every_pooled_connection(postgresql_api: App) -> None:
+    database = make_url(postgresql_api.database.url).database
+    assert postgresql_api.client.get("/items/").status_code == 200
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+    with admin_connection() as admin:
+        assert admin.execute(query, (database,)).fetchone()[0] > 0  # type: ignore[index]
+        # The app's shutdown (the lifespan's end), while this process, and so any forgotten connection, lives on.
+        postgresql_api.client.__exit__(None, None, None)
+        wait_until_no_session_of(database)
+        assert admin.execute(query, (database,)).fetchone()[0] == 0  # type: ignore[index]
+
+
 def test_a_pooled_connection_the_server_closed_is_replaced_before_use(
     postgresql_api: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:

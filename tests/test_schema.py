@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 
-from core import schema
+from core import db, schema
 from core.config import Settings, get_settings
 from tests.conftest import App, Database, app_for, create
 from tests.live import ROOT
@@ -261,6 +261,40 @@ def test_a_migration_that_fails_half_way_leaves_no_table_and_no_revision_behind(
 
     assert "half_done" not in tables(server_database.url)
     assert "item" not in tables(server_database.url), "the whole run is one transaction"
+
+
+@pytest.fixture
+def rebuilding_revision(tmp_path: Path) -> Config:
+    """The project's migrations plus one that rebuilds the item table the way SQLite's batch mode does."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(ROOT / "migrations", scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    number = int(head()) + 1
+    (scripts / "versions" / f"{number:04d}_rebuild.py").write_text(
+        f'revision = "{number:04d}"\ndown_revision = "{head()}"\nbranch_labels = depends_on = None\n'
+        "from alembic import op\n\n\ndef upgrade():\n"
+        '    with op.batch_alter_table("item", recreate="always", table_kwargs={"sqlite_autoincrement": True}):\n'
+        "        pass\n"
+    )
+    config = schema.alembic_config()
+    config.set_main_option("script_location", str(scripts))
+    return config
+
+
+def test_a_batch_migration_that_rebuilds_the_item_table_keeps_its_tag_links(
+    tmp_path: Path, rebuilding_revision: Config
+) -> None:
+    # SQLite rebuilds a table by dropping it: with foreign keys on, ON DELETE CASCADE would empty item_tag.
+    database = Database("sync", "sqlite", f"sqlite:///{tmp_path / 'items.db'}")
+    for api in app_for(database):
+        create(api.client, "Tagged", tags=["home", "work"])
+    engine = db.create_db_engine(Settings(database_url=database.url))
+    with engine.connect() as connection:
+        rebuilding_revision.attributes["connection"] = connection
+        with schema.migration_transaction(connection):
+            command.upgrade(rebuilding_revision, "head")
+    engine.dispose()
+
+    assert look(database.url, "SELECT count(*) FROM item_tag") == [(2,)]
 
 
 # --- Errors tell the truth about a schema behind the models ---
