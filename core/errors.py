@@ -76,7 +76,8 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
     """Map a database error to a status code; the log gets the error's type, the client a plain detail."""
     if isinstance(exc, DBAPIError) and is_schema_mismatch(exc):
         logger.error(
-            "%s %s: the database schema is behind the models (%s): run `alembic upgrade head`",
+            "%s %s: the database schema is behind the models (%s): run the migrations (`alembic upgrade head`), "
+            "after writing one if the model change has none (`alembic revision --autogenerate`)",
             request.method,
             request.url.path,
             exc.orig,

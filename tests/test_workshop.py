@@ -50,7 +50,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from alembic import command
+from alembic import command as alembic
 from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
@@ -219,7 +219,8 @@ def test_the_workshop_quotes_the_code_it_explains() -> None:
     assert {"main.py", "items/item.py", "core/db.py", "tests/conftest.py"} <= quoted
     assert [new_file(block) for block in read_blocks(WORKSHOP) if new_file(block)] == ["projects/project.py"]
     text = "\n".join(code for _, code in quotes)
-    for name in ("def create_item(", "async def create_item_async(", "def get_session(", "async def get_async_session("):
+    twins = ("def create_item(", "async def create_item_async(", "def get_session(", "async def get_async_session(")
+    for name in twins:
         assert name in text, f"steps 2 and 9 quote {name}"
     # Step 6: the tests swap the engine, and the app's own start-up migrates their database.
     assert 'patch.setattr(db, "engine", engine)' in text
@@ -230,10 +231,10 @@ def test_the_workshop_quotes_the_code_it_explains() -> None:
 def test_the_workshop_changes_a_model_with_a_server_default_and_writes_its_migration() -> None:
     """Step 8: a field added to items/item.py, with a server default for the rows that exist; then
     `alembic revision --autogenerate` and `alembic upgrade head`, run (and checked) by the doc run."""
-    [change] = [block for block in read_blocks(WORKSHOP) if block.info == "diff" and patched_file(block) == "items/item.py"]
+    [change] = [block for block in read_blocks(WORKSHOP) if patched_file(block) == "items/item.py"]
     added = [line[1:] for line in change.lines if line.startswith("+") and not line.startswith("+++")]
     assert any("server_default" in line for line in added), "a NOT NULL column on a table with rows needs one"
-    commands = [command.text for _, command in iter_commands(WORKSHOP)]
+    commands = [step.text for _, step in iter_commands(WORKSHOP)]
     assert 'alembic revision --autogenerate -m "item done"' in commands
     assert commands.count("alembic upgrade head") == 2
 
@@ -308,9 +309,9 @@ def write_the_migration(alembic_ini: Path, message: str) -> None:
             config = Config(alembic_ini)
             config.attributes["connection"] = connection  # migrations/env.py then uses this connection
             with schema.migration_transaction(connection):
-                command.upgrade(config, "head")
+                alembic.upgrade(config, "head")
             with schema.migration_transaction(connection):
-                command.revision(config, message=message, autogenerate=True)
+                alembic.revision(config, message=message, autogenerate=True)
     finally:
         engine.dispose()
 
@@ -347,9 +348,7 @@ def workshop_projects(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
 
 
 @pytest.fixture(params=BACKENDS)
-def projects_client(
-    request: pytest.FixtureRequest, workshop_projects: tuple[ModuleType, Path]
-) -> Iterator[TestClient]:
+def projects_client(request: pytest.FixtureRequest, workshop_projects: tuple[ModuleType, Path]) -> Iterator[TestClient]:
     """The app built by main.py's create_app() with the workshop's two lines, on a fresh test database that
     its start-up migrates with the workshop's migration, as the reader's app does."""
     main_with_projects, alembic_ini = workshop_projects
