@@ -179,12 +179,16 @@ def prepare(connection: Connection, migrate: bool) -> list[Any]:
 async def prepare_database(engine: Engine | AsyncEngine, settings: Settings) -> None:
     """Before the app serves: bring the database to the models' revision, and say so when they still differ."""
     migrate = settings.db_migrate_on_start
-    if isinstance(engine, AsyncEngine):
-        async with engine.connect() as connection:
-            left = await connection.run_sync(prepare, migrate)
-    else:
-        with engine.connect() as connection:
-            left = prepare(connection, migrate)
+    try:
+        if isinstance(engine, AsyncEngine):
+            async with engine.connect() as connection:
+                left = await connection.run_sync(prepare, migrate)
+        else:
+            with engine.connect() as connection:
+                left = prepare(connection, migrate)
+    except SchemaError as refused:
+        logger.error("%s", refused)  # one line that says what to do, above the traceback
+        raise
     found_at_start.clear()
     found_at_start.extend(left)
     if left:

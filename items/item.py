@@ -147,9 +147,12 @@ class ItemOut(ItemBase):
 NOT_FOUND = "Item not found"
 TITLE_TAKEN = "An item with this title already exists"
 
-# Each item's tag names in a column of its own: a page of any size is one statement, never one per item.
-tag_names = select(json_array(Tag.name)).select_from(ItemTag).join(Tag).where(ItemTag.item_id == Item.id)
-ITEM_COLUMNS = [*Item.__table__.columns, tag_names.scalar_subquery().label("tags")]
+
+
+def tag_names(item_id: Any) -> Any:
+    """Each item's tag names in a column of its own: a page of any size is one statement, never one per item."""
+    names = select(json_array(Tag.name)).select_from(ItemTag).join(Tag).where(ItemTag.item_id == item_id)
+    return names.scalar_subquery().label("tags")
 
 
 def tagged(tag: str) -> Any:
@@ -172,16 +175,20 @@ def page_of_items(skip: int, limit: int, tag: str | None, after: int | None) -> 
     The rows are plain columns, not ORM objects: a page that is only read needs no identity map or change
     tracking, and building those was most of a list's cost. The response model makes each row an ItemOut.
     """
-    page = select(*ITEM_COLUMNS, count_items(tag).scalar_subquery().label("total"))
+    page = select(Item.__table__)
     if tag is not None:
         page = page.where(tagged(tag))
     if after is not None:
         page = page.where(Item.id > after)  # type: ignore[operator]
-    return page.order_by(Item.id).offset(skip).limit(limit + 1)
+    rows = page.order_by(Item.id).offset(skip).limit(limit + 1).subquery()
+    # Tags and total for the page's rows only: in the same SELECT as the offset, they would be computed for
+    # every row skipped too.
+    total = count_items(tag).scalar_subquery().label("total")
+    return select(rows, tag_names(rows.c.id), total).order_by(rows.c.id)
 
 
 def one_item(item_id: int) -> Select[Any]:
-    return select(*ITEM_COLUMNS).where(Item.id == item_id)
+    return select(Item.__table__, tag_names(Item.id)).where(Item.id == item_id)
 
 
 # A write reads the row with a lock (FOR UPDATE on PostgreSQL; SQLite writes one at a time), its tags in the

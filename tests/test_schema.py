@@ -33,7 +33,7 @@ from sqlalchemy import (
 from core import db, schema
 from core.config import Settings, get_settings
 from tests.conftest import App, Database, app_for, create
-from tests.live import ROOT
+from tests.live import ROOT, Server
 
 # As v1 stored them: ids from the database (its sequence on PostgreSQL), timestamps in UTC.
 V1_ROWS = [{"title": "Buy milk", "description": "Two litres"}, {"title": "Call mum", "description": None}]
@@ -212,6 +212,22 @@ def test_with_migrations_off_a_database_behind_refuses_to_start_naming_both_revi
         f"The database is at revision <none>, the app needs {head()}: run `alembic upgrade head`."
     )
     assert "alembic_version" not in tables(server_database.url)
+
+
+def test_a_server_with_migrations_off_on_a_database_behind_exits_with_the_line_that_says_what_to_run(
+    server_database: Database,
+) -> None:
+    made_by_v1(server_database.url)
+    server = Server(server_database.url, env={"DB_MIGRATE_ON_START": "false"})
+    try:
+        exit_code = server.process.wait(timeout=30)
+    finally:
+        log = server.stop()
+
+    assert exit_code != 0
+    line = f"The database is at revision <none>, the app needs {head()}: run `alembic upgrade head`."
+    assert line in log.splitlines(), log
+    assert "Application startup failed" in log
 
 
 def test_with_migrations_off_a_database_at_head_starts(server_database: Database) -> None:
