@@ -27,7 +27,6 @@ UNDEFINED_TABLE_OR_COLUMN = {"42P01", "42703"}
 SQLITE_MISSING = ("no such table", "no such column", "has no column named")
 
 
-
 class Error(BaseModel):
     """Every error but a 422 (whose detail lists the invalid fields): one schema, so generated clients get it typed."""
 
@@ -36,7 +35,11 @@ class Error(BaseModel):
 
 def error_response(description: str, detail: str) -> dict[str, Any]:
     """An error response for the OpenAPI schema: the Error model, with an example."""
-    return {"model": Error, "description": description, "content": {"application/json": {"example": {"detail": detail}}}}
+    return {
+        "model": Error,
+        "description": description,
+        "content": {"application/json": {"example": {"detail": detail}}},
+    }
 
 
 # What any route that reads a body can answer besides 422.

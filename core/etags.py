@@ -25,7 +25,9 @@ IfNoneMatch = Annotated[
 NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: the ETag you sent is still current (no body)."}
 }
-CHANGED_SINCE = {412: error_response("The ETag in If-Match is no longer current: nothing was changed.", PRECONDITION_FAILED)}
+CHANGED_SINCE = {
+    412: error_response("The ETag in If-Match is no longer current: nothing was changed.", PRECONDITION_FAILED)
+}
 
 
 def etag(version: int) -> str:

@@ -21,7 +21,9 @@ class Health(BaseModel):
     status: str = Field(description='"ok" when the database answers and its schema is the one the app needs.')
     database: str = Field(description='"ok" or "unavailable".')
     # ("schema" is also the name of a pydantic method, hence the alias.)
-    schema_state: str = Field(alias="schema", description='"ok", "behind" (run the migrations), "differs" or "unknown".')
+    schema_state: str = Field(
+        alias="schema", description='"ok", "behind" (run the migrations), "differs" or "unknown".'
+    )
     mode: str
     dialect: str
 

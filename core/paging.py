@@ -36,7 +36,10 @@ LIST_HEADERS = {
     200: {
         "headers": {
             "X-Total-Count": {"description": "How many rows the whole list has.", "schema": {"type": "integer"}},
-            "Link": {"description": 'The next page, if there is one: `<URL>; rel="next"`.', "schema": {"type": "string"}},
+            "Link": {
+                "description": 'The next page, if there is one: `<URL>; rel="next"`.',
+                "schema": {"type": "string"},
+            },
         }
     }
 }

@@ -141,7 +141,6 @@ def adopt_database_made_before_migrations(connection: Connection, context: Migra
 found_at_start: list[Any] = []
 
 
-
 def differences(connection: Connection) -> list[Any]:
     """What autogenerate would put in a new migration: empty when the models and the database agree."""
     options = migration_options(connection.dialect.name)

@@ -67,7 +67,9 @@ class ItemIn(ItemBase):
     """The body of POST and PUT: the fields and the tags (a PUT without tags clears them, as it clears a
     missing description)."""
 
-    model_config = {"json_schema_extra": {"examples": [{"title": "Buy milk", "description": "Two litres", "tags": ["home"]}]}}  # type: ignore[assignment]
+    model_config = {
+        "json_schema_extra": {"examples": [{"title": "Buy milk", "description": "Two litres", "tags": ["home"]}]}
+    }  # type: ignore[assignment]
 
     tags: TagNames = []
 
@@ -107,7 +109,9 @@ class Item(ItemBase, table=True):
     )
     # lazy="raise": reading item.tags without loading them in the same query is an error, never a hidden
     # query per item (sync mode) or a MissingGreenlet (async mode). The database deletes the links.
-    tags: list[Tag] = Relationship(link_model=ItemTag, sa_relationship_kwargs={"lazy": "raise", "passive_deletes": True})
+    tags: list[Tag] = Relationship(
+        link_model=ItemTag, sa_relationship_kwargs={"lazy": "raise", "passive_deletes": True}
+    )
 
     @declared_attr.directive
     def __mapper_args__(cls) -> dict[str, Any]:
@@ -146,7 +150,6 @@ class ItemOut(ItemBase):
 
 NOT_FOUND = "Item not found"
 TITLE_TAKEN = "An item with this title already exists"
-
 
 
 def tag_names(item_id: Any) -> Any:

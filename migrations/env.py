@@ -20,7 +20,9 @@ from core.db import create_db_engine, database_url, dispose_engine
 
 def run_migrations(connection: Connection) -> None:
     context.configure(
-        connection=connection, process_revision_directives=number_the_revision, **schema.migration_options(connection.dialect.name)
+        connection=connection,
+        process_revision_directives=number_the_revision,
+        **schema.migration_options(connection.dialect.name),
     )
     # The caller holds the transaction (schema.migration_transaction): Alembic runs inside it.
     schema.adopt_database_made_before_migrations(connection, context.get_context())

@@ -77,7 +77,12 @@ MUTATIONS = [
         "advisory-lock",
         "Several workers start at once: migrations wait for each other (a transaction-scoped advisory lock)",
         "core/schema.py",
-        (('                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})\n', "                pass\n"),),
+        (
+            (
+                '                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})\n',
+                "                pass\n",
+            ),
+        ),
         ("tests/test_server.py::test_start_up_waits_for_the_schema_lock_another_process_holds",),
         postgresql=True,
     ),
@@ -161,27 +166,33 @@ MUTATIONS = [
         "Unconditional writes racing each other all apply (last writer wins), none fails because of another",
         "items/item.py",
         (('"with_for_update": {"of": Item}}', "}"),),
-        (
-            "tests/test_item_races.py::"
-            "test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every_one",
-        ),
+        ("tests/test_item_races.py::test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every_one",),
         postgresql=True,
     ),
     Mutation(
         "no-op-write",
         "A write that changes nothing writes nothing",
         "items/item.py",
-        (("    if not object_session(item).is_modified(item):  # type: ignore[union-attr]\n        return False\n", ""),),
+        (
+            (
+                "    if not object_session(item).is_modified(item):  # type: ignore[union-attr]\n        return False\n",
+                "",
+            ),
+        ),
         ("tests/test_items.py::test_a_write_that_changes_nothing_writes_nothing",),
     ),
     Mutation(
         "tag-get-or-create",
         "Twenty requests bringing the same new tag at once all succeed (INSERT ... ON CONFLICT DO NOTHING)",
         "tags/tag.py",
-        ((".values([{\"name\": name} for name in sorted(names)]).on_conflict_do_nothing()", ".values([{\"name\": name} for name in sorted(names)])"),),
         (
-            "tests/test_item_races.py::"
-            "test_twenty_requests_that_bring_the_same_new_tag_at_once_all_succeed_and_share_one_tag",
+            (
+                '.values([{"name": name} for name in sorted(names)]).on_conflict_do_nothing()',
+                '.values([{"name": name} for name in sorted(names)])',
+            ),
+        ),
+        (
+            "tests/test_item_races.py::test_twenty_requests_that_bring_the_same_new_tag_at_once_all_succeed_and_share_one_tag",
         ),
         postgresql=True,
     ),
@@ -189,28 +200,43 @@ MUTATIONS = [
         "one-transaction",
         "The article's case: a taken title with new tags leaves none of those tags",
         "items/item.py",
-        (("    item = new_item(item_in, get_or_create(session, item_in.tags))\n", "    item = new_item(item_in, get_or_create(session, item_in.tags))\n    session.commit()\n"),),
+        (
+            (
+                "    item = new_item(item_in, get_or_create(session, item_in.tags))\n",
+                "    item = new_item(item_in, get_or_create(session, item_in.tags))\n    session.commit()\n",
+            ),
+        ),
         ("tests/test_items.py::test_the_articles_case_a_taken_title_with_new_tags_leaves_none_of_those_tags",),
     ),
     Mutation(
         "lazy-raise",
         "No relationship is loaded lazily: a forgotten eager load is an error",
         "items/item.py",
-        (('sa_relationship_kwargs={"lazy": "raise", "passive_deletes": True}', 'sa_relationship_kwargs={"lazy": "select", "passive_deletes": True}'),),
+        (
+            (
+                'sa_relationship_kwargs={"lazy": "raise", "passive_deletes": True}',
+                'sa_relationship_kwargs={"lazy": "select", "passive_deletes": True}',
+            ),
+        ),
         ("tests/test_items.py::test_reading_an_items_tags_without_loading_them_is_an_error_not_a_hidden_query",),
     ),
     Mutation(
         "cursor-link",
         "A full page links to the next one by its last id",
         "core/paging.py",
-        (("    response.headers[\"Link\"] = f'<{url.path}?{url.query}>; rel=\"next\"'\n", ""),),
+        (('    response.headers["Link"] = f\'<{url.path}?{url.query}>; rel="next"\'\n', ""),),
         ("tests/test_items.py::test_following_the_links_visits_every_item_once_in_id_order_while_items_come_and_go",),
     ),
     Mutation(
         "exact-total",
         "X-Total-Count counts every insert and delete, whoever makes them (triggers)",
         "migrations/versions/0004_item_count.py",
-        (('    "CREATE TRIGGER item_count_delete AFTER DELETE ON item BEGIN UPDATE item_count SET items = items - 1; END",\n', ""),),
+        (
+            (
+                '    "CREATE TRIGGER item_count_delete AFTER DELETE ON item BEGIN UPDATE item_count SET items = items - 1; END",\n',
+                "",
+            ),
+        ),
         ("tests/test_items.py::test_the_total_counts_every_insert_and_delete_whoever_makes_them",),
     ),
 ]
@@ -237,7 +263,9 @@ def apply(mutation: Mutation, copy: Path) -> None:
 
 def run_tests(mutation: Mutation, copy: Path) -> tuple[int, str]:
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests]
-    done = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    done = subprocess.run(
+        command, check=False, cwd=copy, capture_output=True, text=True, timeout=900, env=os.environ.copy()
+    )
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
     return done.returncode, summary
 
@@ -267,7 +295,10 @@ def main() -> None:
     if args.list:
         for mutation in chosen:
             print(f"{mutation.name}: {mutation.claim}")
-            print("".join(f"  {mutation.file}: {old.strip()!r} -> {new.strip()!r}\n" for old, new in mutation.edits), end="")
+            print(
+                "".join(f"  {mutation.file}: {old.strip()!r} -> {new.strip()!r}\n" for old, new in mutation.edits),
+                end="",
+            )
             print("".join(f"  -> {test}\n" for test in mutation.tests), end="")
         return
     if any(m.postgresql for m in chosen) and not os.environ.get("TEST_DATABASE_URL"):

@@ -192,7 +192,9 @@ def driver_connection(request: pytest.FixtureRequest) -> AsyncpgConnection | Psy
 
 def checkout_test(driver_connection: object, ping: Callable[[object], object]) -> Callable[..., None]:
     """The pool's checkout listener for this driver, with `ping` in place of the real one."""
-    may_be_closed = pool.asyncpg_closed if isinstance(driver_connection, AsyncpgConnection) else pool.psycopg_may_be_closed
+    may_be_closed = (
+        pool.asyncpg_closed if isinstance(driver_connection, AsyncpgConnection) else pool.psycopg_may_be_closed
+    )
     return pool.pre_ping(ping, may_be_closed)
 
 

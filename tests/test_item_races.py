@@ -101,8 +101,6 @@ def test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every
     assert final["description"] == last["description"]
 
 
-
-
 def test_twenty_requests_that_bring_the_same_new_tag_at_once_all_succeed_and_share_one_tag(
     server_database: Database,
 ) -> None:

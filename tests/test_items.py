@@ -16,7 +16,6 @@ from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from items.item import Item
-
 from tests.conftest import App, create
 
 
@@ -324,7 +323,6 @@ def test_read_item_with_non_integer_id_returns_422(client: TestClient, item_id: 
 SAME = {"title": "Same", "description": "same"}
 
 
-
 def test_replace_item_replaces_all_fields_and_moves_updated_at(client: TestClient) -> None:
     item = create(client, "Old", description="old")
 
@@ -524,8 +522,12 @@ def test_the_lost_update_two_clients_both_saw_version_1_the_second_gets_412(clie
     item = create(client, "Shared", description="v1")
     seen = client.get(f"/items/{item['id']}").headers["etag"]
 
-    first = client.put(f"/items/{item['id']}", json={"title": "Shared", "description": "Alice"}, headers={"If-Match": seen})
-    second = client.put(f"/items/{item['id']}", json={"title": "Shared", "description": "Bob"}, headers={"If-Match": seen})
+    first = client.put(
+        f"/items/{item['id']}", json={"title": "Shared", "description": "Alice"}, headers={"If-Match": seen}
+    )
+    second = client.put(
+        f"/items/{item['id']}", json={"title": "Shared", "description": "Bob"}, headers={"If-Match": seen}
+    )
 
     assert (first.status_code, second.status_code) == (200, 412)
     assert client.get(f"/items/{item['id']}").json()["description"] == "Alice"
@@ -555,7 +557,9 @@ def test_an_item_is_created_with_its_tags_sorted_and_counted_once(client: TestCl
     ],
     ids=["20-distinct-repeated", "21-distinct", "empty-name", "50-characters", "51-characters", "nul", "not-a-list"],
 )
-def test_tags_are_at_most_20_distinct_names_of_1_to_50_characters(client: TestClient, tags: object, status: int) -> None:
+def test_tags_are_at_most_20_distinct_names_of_1_to_50_characters(
+    client: TestClient, tags: object, status: int
+) -> None:
     response = client.post("/items/", json={"title": "Tagged", "tags": tags})
 
     assert response.status_code == status, response.text

@@ -145,7 +145,9 @@ def test_the_alembic_command_line_reads_database_url_like_the_app(server_databas
     env = {"PATH": str(Path(sys.executable).parent), "DATABASE_URL": server_database.url}
 
     def alembic(*args: str) -> str:
-        done = subprocess.run(["alembic", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            ["alembic", *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout + done.stderr
 
@@ -248,21 +250,30 @@ def test_migrations_off_is_read_from_the_environment(monkeypatch: pytest.MonkeyP
 # --- A failed migration leaves nothing behind ---
 
 
-@pytest.fixture
-def failing_revision(tmp_path: Path) -> Config:
-    """The project's migrations plus one that creates a table, then fails."""
+def with_one_more_revision(tmp_path: Path, name: str, upgrade: str) -> Config:
+    """Alembic's configuration for a copy of the project's migrations plus one revision whose upgrade() is
+    `upgrade` (indented source)."""
     scripts = tmp_path / "migrations"
     shutil.copytree(ROOT / "migrations", scripts, ignore=shutil.ignore_patterns("__pycache__"))
     number = int(head()) + 1
-    (scripts / "versions" / f"{number:04d}_fails.py").write_text(
+    (scripts / "versions" / f"{number:04d}_{name}.py").write_text(
         f'revision = "{number:04d}"\ndown_revision = "{head()}"\nbranch_labels = depends_on = None\n'
-        "import sqlalchemy as sa\nfrom alembic import op\n\n\ndef upgrade():\n"
-        '    op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))\n'
-        '    raise RuntimeError("the migration fails half-way")\n'
+        f"import sqlalchemy as sa\nfrom alembic import op\n\n\ndef upgrade():\n{upgrade}"
     )
     config = schema.alembic_config()
     config.set_main_option("script_location", str(scripts))
     return config
+
+
+@pytest.fixture
+def failing_revision(tmp_path: Path) -> Config:
+    """The project's migrations plus one that creates a table, then fails."""
+    return with_one_more_revision(
+        tmp_path,
+        "fails",
+        '    op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))\n'
+        '    raise RuntimeError("the migration fails half-way")\n',
+    )
 
 
 def test_a_migration_that_fails_half_way_leaves_no_table_and_no_revision_behind(
@@ -282,18 +293,12 @@ def test_a_migration_that_fails_half_way_leaves_no_table_and_no_revision_behind(
 @pytest.fixture
 def rebuilding_revision(tmp_path: Path) -> Config:
     """The project's migrations plus one that rebuilds the item table the way SQLite's batch mode does."""
-    scripts = tmp_path / "migrations"
-    shutil.copytree(ROOT / "migrations", scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    number = int(head()) + 1
-    (scripts / "versions" / f"{number:04d}_rebuild.py").write_text(
-        f'revision = "{number:04d}"\ndown_revision = "{head()}"\nbranch_labels = depends_on = None\n'
-        "from alembic import op\n\n\ndef upgrade():\n"
+    return with_one_more_revision(
+        tmp_path,
+        "rebuild",
         '    with op.batch_alter_table("item", recreate="always", table_kwargs={"sqlite_autoincrement": True}):\n'
-        "        pass\n"
+        "        pass\n",
     )
-    config = schema.alembic_config()
-    config.set_main_option("script_location", str(scripts))
-    return config
 
 
 def test_a_batch_migration_that_rebuilds_the_item_table_keeps_its_tag_links(
