@@ -77,7 +77,9 @@ class Server:
 
     def wait_until_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        for _ in range(int(timeout / 0.1) + 1):
+            if time.monotonic() > deadline:
+                break
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.read_log()}")
             try:
