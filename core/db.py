@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends
-from sqlalchemy import DateTime, Engine, make_url
+from sqlalchemy import BigInteger, DateTime, Engine, Integer, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -77,10 +77,6 @@ engine = create_db_engine(get_settings())
 IS_ASYNC = isinstance(engine, AsyncEngine)
 
 
-def is_async(engine: Engine | AsyncEngine) -> bool:
-    return isinstance(engine, AsyncEngine)
-
-
 # --- The session: one per request, closed after the response ---
 
 
@@ -134,6 +130,12 @@ async def dispose_engine(engine: Engine | AsyncEngine) -> None:
 # Errors that mean "the database cannot be reached right now" rather than "this request is wrong"
 # (asyncpg raises the socket's own errors when it cannot connect).
 DATABASE_DOWN_ERRORS = (PoolTimeoutError, ConnectionError, TimeoutError, socket.gaierror)
+
+
+# Column types every feature's tables use.
+
+# A 64-bit id on PostgreSQL; SQLite's INTEGER PRIMARY KEY is 64-bit already (and must be spelled so).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -20,9 +20,13 @@ PageLimit = Annotated[int, Query(ge=1, le=100, description="How many rows to ret
 Row = TypeVar("Row")
 
 
-def one_page(rows: Sequence[Row], limit: int, key: str, request: Request, response: Response) -> Sequence[Row]:
-    """The page: `rows` holds one row more than `limit` when a next page exists (so no extra query asks). Then
-    the response gets `Link: <...after=KEY...>; rel="next"` (RFC 8288), with the request's other parameters."""
+def one_page(
+    rows: Sequence[Row], limit: int, key: str, total: int, request: Request, response: Response
+) -> Sequence[Row]:
+    """The page, and the headers every list answers with: X-Total-Count, and, when a next page exists,
+    `Link: <...after=KEY...>; rel="next"` (RFC 8288) with the request's other parameters. `rows` holds one row
+    more than `limit` when there is a next page (so no extra query asks)."""
+    response.headers["X-Total-Count"] = str(total)
     if len(rows) <= limit:
         return rows
     page = rows[:limit]

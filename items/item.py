@@ -11,12 +11,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import AfterValidator
 from pydantic import Field as Rules
-from sqlalchemy import BigInteger, Integer, Row, UniqueConstraint
+from sqlalchemy import BigInteger, Row, UniqueConstraint
 from sqlalchemy.orm import declared_attr, joinedload, object_session
 from sqlmodel import Field, Relationship, SQLModel, func, select
 from sqlmodel.sql.expression import Select
 
-from core.db import AsyncSessionDep, SessionDep, UTCDateTime
+from core.db import AsyncSessionDep, BigId, SessionDep, UTCDateTime
 from core.errors import BAD_BODY, UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
 from core.etags import CHANGED_SINCE, NOT_MODIFIED, IfMatch, IfNoneMatch, etag, not_modified, require_match
 from core.paging import BIGINT_MAX, LIST_HEADERS, Id, PageLimit, PageSkip, one_page
@@ -92,13 +92,7 @@ class Item(ItemBase, table=True):
     # so the id of a deleted item is never given to a new one (PostgreSQL's sequences never reuse ids).
     __table_args__ = (UniqueConstraint("title", name="uq_item_title"), {"sqlite_autoincrement": True})
 
-    # 64-bit ids on PostgreSQL; SQLite's INTEGER PRIMARY KEY is 64-bit already (and must be spelled so).
-    id: int | None = Field(
-        default=None,
-        primary_key=True,
-        sa_type=BigInteger().with_variant(Integer(), "sqlite"),
-        description="Assigned by the server.",
-    )
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId, description="Assigned by the server.")
     # A required column added to a table with rows needs a server default: the database fills the old rows.
     version: int = Field(
         default=1, sa_column_kwargs={"server_default": "1"}, description="1 when created, one more with every change."
@@ -292,8 +286,8 @@ def list_items(
     of items; X-Total-Count gives how many there are."""
     rows = session.exec(page_of_items(skip, limit, tag, after)).all()
     # A page past the end has no row to carry the count: only then is it a query of its own.
-    response.headers["X-Total-Count"] = str(rows[0].total if rows else session.exec(count_items(tag)).one())
-    return one_page(rows, limit, "id", request, response)
+    total = rows[0].total if rows else session.exec(count_items(tag)).one()
+    return one_page(rows, limit, "id", total, request, response)
 
 
 # Returning a Response (the 304) bypasses the response model, so it is declared here.
@@ -374,8 +368,8 @@ async def list_items_async(
     tag: TagFilter = None,
 ) -> Sequence[Row[Any]]:
     rows = (await session.exec(page_of_items(skip, limit, tag, after))).all()
-    response.headers["X-Total-Count"] = str(rows[0].total if rows else (await session.exec(count_items(tag))).one())
-    return one_page(rows, limit, "id", request, response)
+    total = rows[0].total if rows else (await session.exec(count_items(tag))).one()
+    return one_page(rows, limit, "id", total, request, response)
 
 
 @same_route_as(read_item)

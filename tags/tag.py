@@ -10,13 +10,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from pydantic import AfterValidator
 from pydantic import Field as Rules
-from sqlalchemy import BigInteger, Index, Integer, Row, UniqueConstraint, column, table, update
+from sqlalchemy import Index, Row, UniqueConstraint, column, table, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from core.db import AsyncSessionDep, SessionDep
+from core.db import AsyncSessionDep, BigId, SessionDep
 from core.errors import BAD_BODY, UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
 from core.paging import LIST_HEADERS, PageLimit, PageSkip, one_page
 from core.routing import twins
@@ -44,7 +44,6 @@ TagNames = Annotated[
 ]
 After = Annotated[str | None, Query(description="Continue after the tag with this name (the Link header's cursor).")]
 NameInPath = Annotated[str, Path(min_length=1, max_length=50, pattern=NO_NUL, description="The tag's name.")]
-BIGINT = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class TagBase(SQLModel):
@@ -58,7 +57,7 @@ class Tag(TagBase, table=True):
 
     __table_args__ = (UniqueConstraint("name", name="uq_tag_name"),)
 
-    id: int | None = Field(default=None, primary_key=True, sa_type=BIGINT)
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
 
 
 class ItemTag(SQLModel, table=True):
@@ -68,8 +67,8 @@ class ItemTag(SQLModel, table=True):
     # The primary key (item_id, tag_id) finds an item's tags; this index finds a tag's items.
     __table_args__ = (Index("ix_item_tag_tag_id_item_id", "tag_id", "item_id"),)
 
-    item_id: int = Field(foreign_key="item.id", ondelete="CASCADE", primary_key=True, sa_type=BIGINT)
-    tag_id: int = Field(foreign_key="tag.id", ondelete="CASCADE", primary_key=True, sa_type=BIGINT)
+    item_id: int = Field(foreign_key="item.id", ondelete="CASCADE", primary_key=True, sa_type=BigId)
+    tag_id: int = Field(foreign_key="tag.id", ondelete="CASCADE", primary_key=True, sa_type=BigId)
 
 
 class TagOut(TagBase):
@@ -169,8 +168,8 @@ def list_tags(
     """List tags ordered by name, each with its item count, a page at a time (the Link header's next URL);
     X-Total-Count gives the number of all tags."""
     rows = session.exec(page_of_tags(skip, limit, after)).all()
-    response.headers["X-Total-Count"] = str(rows[0].total if rows else session.exec(count_tags).one())
-    return one_page(rows, limit, "name", request, response)
+    total = rows[0].total if rows else session.exec(count_tags).one()
+    return one_page(rows, limit, "name", total, request, response)
 
 
 @router.get("/{name:path}", summary="Read a tag", response_model=TagOut, responses=TAG_NOT_FOUND)
@@ -217,8 +216,8 @@ async def list_tags_async(
     limit: PageLimit = 100,
 ) -> Sequence[Row[Any]]:
     rows = (await session.exec(page_of_tags(skip, limit, after))).all()
-    response.headers["X-Total-Count"] = str(rows[0].total if rows else (await session.exec(count_tags)).one())
-    return one_page(rows, limit, "name", request, response)
+    total = rows[0].total if rows else (await session.exec(count_tags)).one()
+    return one_page(rows, limit, "name", total, request, response)
 
 
 @same_route_as(read_tag)

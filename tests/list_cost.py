@@ -22,6 +22,7 @@ any other column must come from its server default.
 
 import argparse
 import ast
+import itertools
 import re
 import sqlite3
 import statistics
@@ -234,7 +235,7 @@ PARAMETERS = re.compile(r"^\[[^\]]*\] (.*)$", re.DOTALL)
 def logged_selects(log: str) -> Iterator[tuple[str, Any]]:
     """The (statement, parameters) of each SELECT on the item table in a stretch of echo log."""
     records = [record.strip() for record in ECHO_RECORD.split(log)[1:]]
-    for statement, following in zip(records, records[1:]):
+    for statement, following in itertools.pairwise(records):
         parameters = PARAMETERS.match(following)
         if statement.startswith("SELECT") and re.search(r"\bFROM item\b", statement) and parameters:
             yield statement, ast.literal_eval(parameters.group(1)) or None

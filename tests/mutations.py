@@ -74,6 +74,16 @@ MUTATIONS = [
         runs=3,
     ),
     Mutation(
+        "deadlock-guard-async",
+        "Async requests wait for a session, not in the pool, whose timeout would turn waiting into 503s",
+        "core/db.py",
+        (("Depends(get_async_session, max_concurrency=SESSIONS_AT_ONCE)", "Depends(get_async_session)"),),
+        (
+            "tests/test_server.py::test_requests_waiting_longer_than_the_pool_timeout_for_the_only_connection_get_no_503",
+        ),
+        postgresql=True,
+    ),
+    Mutation(
         "advisory-lock",
         "Several workers start at once: migrations wait for each other (a transaction-scoped advisory lock)",
         "core/schema.py",

@@ -36,7 +36,7 @@ in_flight = 0
 def session_waiting() -> int:
     """Tasks waiting at FastAPI's per-dependency semaphores (`Depends(..., max_concurrency=...)`)."""
     try:
-        from fastapi.concurrency import _dependency_semaphores  # noqa: PLC0415 - FastAPI internals, read only
+        from fastapi.concurrency import _dependency_semaphores
     except ImportError:
         return 0
     semaphores = _dependency_semaphores.get(None) or {}
@@ -68,7 +68,7 @@ async def hold_until_released(path: Path) -> None:
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    global in_flight  # noqa: PLW0603 - one process, one event loop
+    global in_flight
     if scope["type"] == "lifespan":
         if threads := os.environ.get("PROBE_WORKER_THREADS"):
             anyio.to_thread.current_default_thread_limiter().total_tokens = int(threads)

@@ -12,13 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
-from sqlalchemy import make_url
 
 from tests.conftest import Database
-from tests.live import admin_connection, running_server
+from tests.live import admin_connection, running_server, wait_for_backends
 
 SESSIONS = 5  # DB_POOL_SIZE: how many requests the app lets reach PostgreSQL at once
-WAITING_ON_A_LOCK = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
 
 
 @contextmanager
@@ -29,16 +27,13 @@ def held(database: Database, sql: str, params: tuple, waiters: int, then: str) -
     if database.backend != "postgresql":
         yield lambda: None
         return
-    name = make_url(database.url).database
-    with admin_connection(database.url, database=name) as holder, admin_connection(database.url) as watcher:
+    with admin_connection(database.url) as holder:
         holder.autocommit = False
         holder.execute(sql, params)
 
         def wait() -> None:
-            deadline = time.monotonic() + 20
-            while watcher.execute(WAITING_ON_A_LOCK, (name,)).fetchone()[0] < waiters:  # type: ignore[index]
-                assert time.monotonic() < deadline, "the requests never reached the row"
-                time.sleep(0.05)
+            waiting = wait_for_backends(database.url, lambda pids: len(pids) >= waiters, 20, wait_event_type="Lock")
+            assert len(waiting) >= waiters, "the requests never reached the row"
 
         yield wait
         getattr(holder, then)()

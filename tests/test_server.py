@@ -268,7 +268,9 @@ def test_a_database_that_never_answers_gives_503s_within_the_connect_timeout(
     assert read_response.status_code == 503, read_response.text
     assert read_response.json() == {"detail": "Database unavailable"}
     for seconds in (health_seconds, read_seconds):
-        assert shortest <= seconds < longest, f"{health_seconds=:.2f} {read_seconds=:.2f}, expected {shortest}..{longest}"
+        assert shortest <= seconds < longest, (
+            f"{health_seconds=:.2f} {read_seconds=:.2f}, expected {shortest}..{longest}"
+        )
     assert "Traceback" not in log
 
 
