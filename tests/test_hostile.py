@@ -264,7 +264,8 @@ def test_a_huge_skip_gives_an_empty_page_or_a_validation_error_never_a_5xx(clien
 
 def test_a_table_missing_from_the_database_is_a_plain_500_that_says_nothing_about_sql(api: App) -> None:
     create(api.client, "Doomed")
-    api.execute("DROP TABLE item")
+    # PostgreSQL refuses to drop a table another one references (item_tag) unless told to.
+    api.execute("DROP TABLE item CASCADE" if api.database.backend == "postgresql" else "DROP TABLE item")
 
     responses = [
         api.client.get("/items/"),
