@@ -4,6 +4,7 @@
     python -m tests.list_cost --sizes 1000,100000 --repeat 20 --databases sqlite
     python -m tests.list_cost --explain                     # + EXPLAIN (ANALYZE, BUFFERS) of the list queries
     python -m tests.list_cost --async                       # the app in async mode (asyncpg, aiosqlite)
+    python -m tests.list_cost --sizes 1000 --tags 3         # every item with 3 of 10 shared tags
 
 For each database (a SQLite file in a temporary folder; a fresh PostgreSQL database on --database-url's server,
 dropped afterwards) and each size, the `item` table is filled BY SQL to that many rows (only the missing ones
@@ -17,7 +18,8 @@ times, after warm-ups, --repeat requests of each (at most --seconds per request 
 - one item, `GET /items/{id}`.
 
 Prints a markdown table of medians in ms. The fill inserts only title, description and the timestamps:
-any other column must come from its server default.
+any other column must come from its server default. With --tags N (at most 10) it also links every item to N
+of ten shared tags (`tag-0` ... `tag-9`), so each page carries N tag names per item.
 """
 
 import argparse
@@ -69,7 +71,18 @@ class Database(Protocol):
     label: str
     url: str
 
-    def fill(self, rows: int) -> None: ...
+    def fill(self, rows: int, tags: int) -> None: ...
+
+
+TAG_POOL = 10
+# The tags, and N links for each item added by this fill: item i gets tag-(i % 10), tag-((i + 1) % 10), ...
+INSERT_TAGS = (
+    "WITH s(g) AS ({series}) INSERT INTO tag (name) SELECT 'tag-' || g FROM s WHERE NOT EXISTS (SELECT 1 FROM tag)"
+)
+INSERT_LINKS = (
+    "WITH s(g) AS ({series}) INSERT INTO item_tag (item_id, tag_id) SELECT item.id, tag.id FROM item CROSS JOIN s"
+    " JOIN tag ON tag.name = 'tag-' || ((item.id + s.g) % {pool}) WHERE item.id > {have}"
+)
 
 
 class SQLiteDatabase:
@@ -79,7 +92,7 @@ class SQLiteDatabase:
         self.path = folder / "list_cost.db"
         self.url = f"sqlite{'+aiosqlite' if async_mode else ''}:///{self.path}"
 
-    def fill(self, rows: int) -> None:
+    def fill(self, rows: int, tags: int) -> None:
         # The app stores datetimes on SQLite as this text (SQLAlchemy's format); one value for every row.
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
         with closing(sqlite3.connect(self.path, timeout=30)) as connection:
@@ -91,9 +104,17 @@ class SQLiteDatabase:
                     " SELECT 'item ' || n, NULL, :now, :now FROM g",
                     {"first": have + 1, "last": rows, "now": now},
                 )
+                if tags:
+                    connection.execute(INSERT_TAGS.format(series=sqlite_series(TAG_POOL)))
+                    connection.execute(INSERT_LINKS.format(series=sqlite_series(tags), pool=TAG_POOL, have=have))
             connection.execute("ANALYZE")
             # Move the rows from the write-ahead log into the database file before the server opens it.
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def sqlite_series(count: int) -> str:
+    """0, 1, ... count - 1 as a SQLite row source (SQLite has no generate_series by default)."""
+    return " UNION ALL ".join(f"SELECT {n}" for n in range(count))
 
 
 class PostgresDatabase:
@@ -116,7 +137,7 @@ class PostgresDatabase:
             with admin_connection(self.server_url) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
-    def fill(self, rows: int) -> None:
+    def fill(self, rows: int, tags: int) -> None:
         with admin_connection(self.url) as connection:
             have = connection.execute("SELECT count(*) FROM item").fetchone()[0]
             connection.execute(
@@ -124,9 +145,14 @@ class PostgresDatabase:
                 " SELECT 'item ' || g, NULL, now(), now() FROM generate_series(%s::bigint, %s::bigint) g",
                 (have + 1, rows),
             )
+            if tags:
+                connection.execute(INSERT_TAGS.format(series=f"SELECT generate_series(0, {TAG_POOL - 1})"))
+                series = f"SELECT generate_series(0, {tags - 1})"
+                connection.execute(INSERT_LINKS.format(series=series, pool=TAG_POOL, have=have))
             # VACUUM as well as ANALYZE: autovacuum would otherwise start on the new rows at some point during
             # the measurements; vacuumed, the pages are all-visible (index-only scans, hint bits set) from the start.
             connection.execute("VACUUM (ANALYZE) item")
+            connection.execute("VACUUM (ANALYZE) item_tag")
 
 
 # --- The server and the timings ---
@@ -284,7 +310,7 @@ def run_database(database: Database, sizes: list[int], args: argparse.Namespace,
     explained = ""
     for size in sizes:
         started = time.monotonic()
-        database.fill(size)
+        database.fill(size, args.tags)
         filled = time.monotonic() - started
         progress(f"{database.label} {size:,} rows: filled in {filled:.1f} s")
         started = time.monotonic()
@@ -325,12 +351,15 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--warmups", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=30, help="at most this long per kind and size")
     parser.add_argument("--async", dest="async_mode", action="store_true", help="the app in async mode")
+    parser.add_argument("--tags", type=int, default=0, help=f"tags per item, 0 to {TAG_POOL} (default 0)")
     parser.add_argument("--explain", action="store_true", help="EXPLAIN (ANALYZE, BUFFERS) the PG list queries")
     args = parser.parse_args()
     args.sizes = sorted({int(size) for size in args.sizes.split(",")})
     args.databases = [name.strip() for name in args.databases.split(",")]
     if min(args.sizes) < PAGE:
         parser.error(f"every size must be at least {PAGE} (a full last page)")
+    if not 0 <= args.tags <= TAG_POOL:
+        parser.error(f"--tags takes 0 to {TAG_POOL}")
     if set(args.databases) - {"pg", "sqlite"}:
         parser.error("--databases takes pg, sqlite or both")
     if make_url(args.database_url).host not in LOOPBACK:
@@ -358,7 +387,8 @@ def main() -> None:
     mode = "async" if args.async_mode else "sync"
     print(
         f"Median latency in ms of one keep-alive client, {args.repeat} requests after {args.warmups} warm-ups "
-        f"(fewer, shown as n=, when --seconds {args.seconds:g} ran out); app in {mode} mode.\n"
+        f"(fewer, shown as n=, when --seconds {args.seconds:g} ran out); app in {mode} mode; "
+        f"{args.tags} tags per item.\n"
     )
     print(markdown_table(rows, labels, args.repeat))
     fills = "; ".join(

@@ -170,6 +170,16 @@ def test_the_app_migrates_an_empty_database_at_start(server_database: Database) 
     assert look(server_database.url, "SELECT title FROM item") == [("First",)]
 
 
+def test_starting_the_app_again_and_again_in_one_process_leaves_sys_path_as_it_was(database: Database) -> None:
+    before = list(sys.path)
+
+    for _ in range(3):
+        for api in app_for(database):
+            assert api.client.get("/items/").status_code == 200
+
+    assert sys.path == before
+
+
 def test_a_database_made_by_v1_is_adopted_with_its_rows(server_database: Database) -> None:
     made_by_v1(server_database.url)
 
