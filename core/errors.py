@@ -45,7 +45,7 @@ def error_response(description: str, detail: str) -> dict[str, Any]:
 # What any route that reads a body can answer besides 422.
 BAD_BODY = {
     400: error_response(
-        "The body is not JSON text, or the database rejected a value.", "There was an error parsing the body"
+        "The body could not be read, or the database rejected a value.", "A value was rejected by the database"
     ),
     413: error_response("The body is larger than the limit (1 MiB by default).", "Request body too large"),
 }

@@ -23,7 +23,7 @@ def sqlite_setup(settings: Settings) -> Callable[[Any, Any], None]:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={settings.sqlite_busy_timeout_ms:d}")
         # Write-ahead log: readers never wait for the writer. NORMAL syncs the log at checkpoints, not at
-        # every commit: an app crash loses nothing, a power cut may lose the last commits (see README).
+        # every commit: an app crash loses nothing, a power cut may lose the last commits (docs/performance.md).
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()

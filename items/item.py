@@ -206,7 +206,8 @@ def current(item: Item | None, if_match: str | None) -> Item:
 
 
 def new_item(item_in: ItemIn, tags: Sequence[Tag]) -> Item:
-    item = Item.model_validate(item_in.model_dump(exclude={"tags"}))
+    now = utc_now()  # one moment: a new item was last updated when it was created
+    item = Item.model_validate(item_in.model_dump(exclude={"tags"}) | {"created_at": now, "updated_at": now})
     item.tags = list(tags)
     return item
 

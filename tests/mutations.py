@@ -110,6 +110,7 @@ MUTATIONS = [
         "main.py",
         (("    await db.dispose_engine(db.engine)\n", ""),),
         ("tests/test_db.py::test_shutdown_closes_every_pooled_connection",),
+        postgresql=True,
     ),
     Mutation(
         "migrate-at-start",

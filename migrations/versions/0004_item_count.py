@@ -8,7 +8,8 @@ Create Date: 2026-12-02 03:50:00
 
 Triggers count every insert and delete, whoever makes it (the app, a script, psql). On SQLite a table rebuilt
 by batch mode loses its triggers: a later migration that rebuilds `item` must create them again
-(tests/test_schema.py fails if they are missing at head).
+(tests/test_items.py::test_the_total_counts_every_insert_and_delete_whoever_makes_them fails
+if they are missing at head).
 """
 
 from collections.abc import Sequence
