@@ -6,12 +6,13 @@ Items use tags (items -> tags): an item's tags are rows of tags.Tag, linked thro
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
+from functools import cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import AfterValidator
 from pydantic import Field as Rules
-from sqlalchemy import BigInteger, Row, UniqueConstraint
+from sqlalchemy import BigInteger, Integer, Row, UniqueConstraint, bindparam, cast
 from sqlalchemy.orm import declared_attr, joinedload, object_session
 from sqlmodel import Field, Relationship, SQLModel, func, select
 from sqlmodel.sql.expression import Select
@@ -115,12 +116,13 @@ class Item(ItemBase, table=True):
 
 
 class ItemCount(SQLModel, table=True):
-    """How many items there are: one row, kept exact by triggers in the database (migration 0004), so a list
-    reads its total instead of counting the table."""
+    """How many items there are, kept exact by triggers in the database (migration 0004), so a list reads its
+    total instead of counting the table: the sum of a few slots (16 on PostgreSQL, so concurrent writers do not
+    queue on one row; 1 on SQLite)."""
 
     __tablename__ = "item_count"
 
-    id: int = Field(primary_key=True)
+    slot: int = Field(primary_key=True)
     items: int = Field(sa_type=BigInteger)
 
 
@@ -152,45 +154,52 @@ def tag_names(item_id: Any) -> Any:
     return names.scalar_subquery().label("tags")
 
 
-def tagged(tag: str) -> Any:
-    return Item.id.in_(select(ItemTag.item_id).join(Tag).where(Tag.name == tag))  # type: ignore[union-attr]
+# The read statements are built once, at import, and run with the request's values bound to their parameters:
+# SQLAlchemy caches the SQL it compiles, but building the statement objects again costs more than running them.
+TAG = bindparam("tag")
+COUNT_ALL = select(cast(func.sum(ItemCount.items), BigInteger))
+COUNT_TAGGED = select(func.count()).select_from(ItemTag).join(Tag).where(Tag.name == TAG)
+ONE_ITEM = select(Item.__table__, tag_names(Item.id)).where(Item.id == bindparam("item_id"))
 
 
 def count_items(tag: str | None) -> Select[Any]:
-    """The total for X-Total-Count: one row read, whatever the table's size; with a tag, its links counted
-    (an index range, as long as the tag's list)."""
-    if tag is None:
-        return select(ItemCount.items)
-    return select(func.count()).select_from(ItemTag).join(Tag).where(Tag.name == tag)
+    """The total for X-Total-Count: a few counter rows read, whatever the table's size; with a tag, its links
+    counted (an index range, as long as the tag's list). Bind `tag`."""
+    return COUNT_ALL if tag is None else COUNT_TAGGED
 
 
-def page_of_items(skip: int, limit: int, tag: str | None, after: int | None) -> Select[Any]:
-    """A page of items in id order, from the cursor `after` (an index range) or the offset `skip`; every row
-    also carries the total (one query, one snapshot), and the page asks for one row more than it shows, to
-    know whether a next page exists.
+@cache
+def page_statement(by_tag: bool, by_cursor: bool) -> Select[Any]:
+    page = select(Item.__table__)
+    if by_tag:
+        page = page.where(Item.id.in_(select(ItemTag.item_id).join(Tag).where(Tag.name == TAG)))  # type: ignore[union-attr]
+    if by_cursor:
+        page = page.where(Item.id > bindparam("after"))  # type: ignore[operator]
+    skip, limit = bindparam("skip", type_=BigInteger), bindparam("limit", type_=Integer)
+    rows = page.order_by(Item.id).offset(skip).limit(limit).subquery()
+    # Tags and total for the page's rows only: in the same SELECT as the offset, they would be computed for
+    # every row skipped too.
+    total = (COUNT_TAGGED if by_tag else COUNT_ALL).scalar_subquery().label("total")
+    return select(rows, tag_names(rows.c.id), total).order_by(rows.c.id)
+
+
+def page_of_items(skip: int, limit: int, tag: str | None, after: int | None) -> tuple[Select[Any], dict[str, Any]]:
+    """A page of items in id order, from the cursor `after` (an index range) or the offset `skip`, and the
+    values to run it with; every row also carries the total (one query, one snapshot), and the page asks for
+    one row more than it shows, to know whether a next page exists.
 
     The rows are plain columns, not ORM objects: a page that is only read needs no identity map or change
     tracking, and building those was most of a list's cost. The response model makes each row an ItemOut.
     """
-    page = select(Item.__table__)
-    if tag is not None:
-        page = page.where(tagged(tag))
-    if after is not None:
-        page = page.where(Item.id > after)  # type: ignore[operator]
-    rows = page.order_by(Item.id).offset(skip).limit(limit + 1).subquery()
-    # Tags and total for the page's rows only: in the same SELECT as the offset, they would be computed for
-    # every row skipped too.
-    total = count_items(tag).scalar_subquery().label("total")
-    return select(rows, tag_names(rows.c.id), total).order_by(rows.c.id)
-
-
-def one_item(item_id: int) -> Select[Any]:
-    return select(Item.__table__, tag_names(Item.id)).where(Item.id == item_id)
+    values = {"skip": skip, "limit": limit + 1, "tag": tag, "after": after}
+    return page_statement(tag is not None, after is not None), values
 
 
 # A write reads the row with a lock (FOR UPDATE on PostgreSQL; SQLite writes one at a time), its tags in the
 # same query: two writers take turns, each applying its change whole to what the other left (last writer wins).
-FOR_WRITING = {"options": [joinedload(Item.tags)], "with_for_update": {"of": Item}}
+ITEM_TO_WRITE = (
+    select(Item).options(joinedload(Item.tags)).where(Item.id == bindparam("item_id")).with_for_update(of=Item)
+)
 
 
 def found(item: Any) -> Any:
@@ -285,9 +294,10 @@ def list_items(
 ) -> Sequence[Row[Any]]:
     """List items ordered by id, a page at a time: follow the Link header's next URL to page through any number
     of items; X-Total-Count gives how many there are."""
-    rows = session.exec(page_of_items(skip, limit, tag, after)).all()
+    statement, values = page_of_items(skip, limit, tag, after)
+    rows = session.exec(statement, params=values).all()
     # A page past the end has no row to carry the count: only then is it a query of its own.
-    total = rows[0].total if rows else session.exec(count_items(tag)).one()
+    total = rows[0].total if rows else session.exec(count_items(tag), params=values).one()
     return one_page(rows, limit, "id", total, request, response)
 
 
@@ -297,7 +307,7 @@ def read_item(
     item_id: ItemId, session: SessionDep, response: Response, if_none_match: IfNoneMatch = None
 ) -> Row[Any] | Response:
     """Return the item with this id and its ETag; 304 with no body if If-None-Match names that ETag."""
-    item = found(session.exec(one_item(item_id)).first())
+    item = found(session.exec(ONE_ITEM, params={"item_id": item_id}).first())
     if not_modified(if_none_match, item.version):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag(item.version)})
     return row_out(item, response)
@@ -308,7 +318,7 @@ def replace_item(
     item_id: ItemId, item_in: ItemIn, session: SessionDep, response: Response, if_match: IfMatch = None
 ) -> ItemOut:
     """Replace the item's fields and tags (those left out become null and none); If-Match makes it conditional."""
-    item = current(session.get(Item, item_id, **FOR_WRITING), if_match)
+    item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).unique().first(), if_match)
     tags = get_or_create(session, item_in.tags)
     if apply_changes(item, item_in.model_dump(exclude={"tags"}), tags):
         with unique_title():
@@ -322,7 +332,7 @@ def update_item(
 ) -> ItemOut:
     """Change only the fields sent (`"description": null` clears it; `tags` replaces them); If-Match makes it
     conditional."""
-    item = current(session.get(Item, item_id, **FOR_WRITING), if_match)
+    item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).unique().first(), if_match)
     tags = None if changes.tags is None else get_or_create(session, changes.tags)
     if apply_changes(item, changes.model_dump(exclude_unset=True, exclude={"tags"}), tags):
         with unique_title():
@@ -368,8 +378,9 @@ async def list_items_async(
     limit: PageLimit = 100,
     tag: TagFilter = None,
 ) -> Sequence[Row[Any]]:
-    rows = (await session.exec(page_of_items(skip, limit, tag, after))).all()
-    total = rows[0].total if rows else (await session.exec(count_items(tag))).one()
+    statement, values = page_of_items(skip, limit, tag, after)
+    rows = (await session.exec(statement, params=values)).all()
+    total = rows[0].total if rows else (await session.exec(count_items(tag), params=values)).one()
     return one_page(rows, limit, "id", total, request, response)
 
 
@@ -377,7 +388,7 @@ async def list_items_async(
 async def read_item_async(
     item_id: ItemId, session: AsyncSessionDep, response: Response, if_none_match: IfNoneMatch = None
 ) -> Row[Any] | Response:
-    item = found((await session.exec(one_item(item_id))).first())
+    item = found((await session.exec(ONE_ITEM, params={"item_id": item_id})).first())
     if not_modified(if_none_match, item.version):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag(item.version)})
     return row_out(item, response)
@@ -387,7 +398,7 @@ async def read_item_async(
 async def replace_item_async(
     item_id: ItemId, item_in: ItemIn, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
 ) -> ItemOut:
-    item = current(await session.get(Item, item_id, **FOR_WRITING), if_match)
+    item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).unique().first(), if_match)
     tags = await get_or_create_async(session, item_in.tags)
     if apply_changes(item, item_in.model_dump(exclude={"tags"}), tags):
         with unique_title():
@@ -399,7 +410,7 @@ async def replace_item_async(
 async def update_item_async(
     item_id: ItemId, changes: ItemUpdate, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
 ) -> ItemOut:
-    item = current(await session.get(Item, item_id, **FOR_WRITING), if_match)
+    item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).unique().first(), if_match)
     tags = None if changes.tags is None else await get_or_create_async(session, changes.tags)
     if apply_changes(item, changes.model_dump(exclude_unset=True, exclude={"tags"}), tags):
         with unique_title():

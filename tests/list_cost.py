@@ -15,7 +15,8 @@ times, after warm-ups, --repeat requests of each (at most --seconds per request 
 - the last page by skip, `GET /items/?skip=<N-100>&limit=100` (the database walks past N-100 rows),
 - the last page by cursor, when the app's list answers carry a `Link: <...>; rel="next"` header: the
   first page's next link, with its cursor moved to the end of the table ("-" when there is no Link header),
-- one item, `GET /items/{id}`.
+- one item, `GET /items/{id}`,
+- with --tags, the first page of the items that have tag-0, `GET /items/?tag=tag-0&limit=100`.
 
 Prints a markdown table of medians in ms. The fill inserts only title, description and the timestamps:
 any other column must come from its server default. With --tags N (at most 10) it also links every item to N
@@ -55,8 +56,9 @@ KINDS = {
     "skip": "last page by skip",
     "cursor": "next page by cursor (deep)",
     "one": "GET /items/{id}",
+    "tagged": "first page of ?tag=tag-0 (with --tags)",
 }
-LIST_KINDS = ("first", "skip", "cursor")
+LIST_KINDS = ("first", "skip", "cursor", "tagged")
 
 
 def progress(message: str) -> None:
@@ -220,7 +222,7 @@ def deep_cursor_url(first: httpx.Response, last_page: list[dict[str, Any]]) -> t
     return None, f"no id cursor in Link {link['url']} (an opaque cursor cannot be moved)"
 
 
-def page_urls(client: httpx.Client, size: int) -> tuple[dict[str, str], list[str]]:
+def page_urls(client: httpx.Client, size: int, tags: int) -> tuple[dict[str, str], list[str]]:
     """The URL of each request kind for a table of `size` rows, and notes on anything unexpected."""
     notes = []
     first_url = f"/items/?limit={PAGE}"
@@ -230,6 +232,8 @@ def page_urls(client: httpx.Client, size: int) -> tuple[dict[str, str], list[str
     skip_url = f"/items/?skip={max(0, size - PAGE)}&limit={PAGE}"
     last_page = get_ok(client, skip_url).json()
     urls = {"first": first_url, "skip": skip_url, "one": f"/items/{last_page[-1]['id']}"}
+    if tags:
+        urls["tagged"] = f"/items/?tag=tag-0&limit={PAGE}"
     cursor_url, note = deep_cursor_url(first, last_page)
     notes.append(f"cursor: {note}")
     if cursor_url is not None:
@@ -244,7 +248,7 @@ def page_urls(client: httpx.Client, size: int) -> tuple[dict[str, str], list[str
 def measure(server: Server, size: int, args: argparse.Namespace) -> tuple[dict[str, Timing], dict[str, str], list[str]]:
     """Each request kind in turn, over one kept-alive connection: the latency of a request, not of a connect."""
     with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT) as client:
-        urls, notes = page_urls(client, size)
+        urls, notes = page_urls(client, size, args.tags)
         timings = {
             kind: time_requests(client, url, args.warmups, args.repeat, args.seconds) for kind, url in urls.items()
         }

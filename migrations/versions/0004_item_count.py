@@ -1,4 +1,4 @@
-"""item count: the number of items, kept exact by triggers, so X-Total-Count reads one row.
+"""item count: the number of items, kept exact by triggers, so X-Total-Count reads a few rows, not the table.
 
 X-Total-Count used to count the whole table on every list.
 
@@ -6,7 +6,9 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-02 03:50:00
 
-Triggers count every insert and delete, whoever makes it (the app, a script, psql). On SQLite a table rebuilt
+Triggers count every insert and delete, whoever makes it (the app, a script, psql). On PostgreSQL the count
+is spread over 16 rows (slots) and the total is their sum: each connection adds to its own slot, so writers
+do not queue on one row's lock until they commit. SQLite writes one transaction at a time: one slot. On SQLite a table rebuilt
 by batch mode loses its triggers: a later migration that rebuilds `item` must create them again
 (tests/test_items.py::test_the_total_counts_every_insert_and_delete_whoever_makes_them fails
 if they are missing at head).
@@ -22,14 +24,18 @@ down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+SLOTS = 16
 POSTGRESQL = [
-    # One UPDATE per statement, not per row: a bulk insert of a million rows adds a million at once.
+    # One UPDATE per statement, not per row: a bulk insert of a million rows adds a million at once. A
+    # connection always uses the same slot, so a transaction never waits for two slots (no deadlock).
     """CREATE FUNCTION item_count_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         IF TG_OP = 'INSERT' THEN
-            UPDATE item_count SET items = items + (SELECT count(*) FROM changed_rows);
+            UPDATE item_count SET items = items + (SELECT count(*) FROM changed_rows)
+            WHERE slot = pg_backend_pid() % 16;
         ELSIF TG_OP = 'DELETE' THEN
-            UPDATE item_count SET items = items - (SELECT count(*) FROM changed_rows);
+            UPDATE item_count SET items = items - (SELECT count(*) FROM changed_rows)
+            WHERE slot = pg_backend_pid() % 16;
         ELSE
             UPDATE item_count SET items = 0;
         END IF;
@@ -51,15 +57,18 @@ SQLITE = [
 def upgrade() -> None:
     op.create_table(
         "item_count",
-        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("slot", sa.Integer(), nullable=False),
         sa.Column("items", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("slot"),
     )
+    postgresql = op.get_bind().dialect.name == "postgresql"
     # Triggers first: on PostgreSQL creating them locks the item table, so no insert slips in between them
     # and the count below (the migration's transaction commits both together).
-    for statement in POSTGRESQL if op.get_bind().dialect.name == "postgresql" else SQLITE:
+    for statement in POSTGRESQL if postgresql else SQLITE:
         op.execute(statement)
-    op.execute("INSERT INTO item_count (id, items) SELECT 1, count(*) FROM item")
+    op.execute("INSERT INTO item_count (slot, items) SELECT 0, count(*) FROM item")
+    if postgresql:
+        op.execute(f"INSERT INTO item_count (slot, items) SELECT slot, 0 FROM generate_series(1, {SLOTS - 1}) slot")
 
 
 def downgrade() -> None:
