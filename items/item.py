@@ -23,7 +23,7 @@ from core.etags import CHANGED_SINCE, NOT_MODIFIED, IfMatch, IfNoneMatch, etag, 
 from core.paging import BIGINT_MAX, LIST_HEADERS, Id, PageLimit, PageSkip, one_page
 from core.routing import twins
 from core.rules import NO_NUL
-from core.sql import json_array
+from core.sql import aggregate_array
 from tags.tag import ItemTag, Tag, TagNames, get_or_create, get_or_create_async
 
 # The rules for each client field, declared once for the bodies of POST and PUT (ItemIn) and PATCH (ItemUpdate).
@@ -150,7 +150,7 @@ TITLE_TAKEN = "An item with this title already exists"
 
 def tag_names(item_id: Any) -> Any:
     """Each item's tag names in a column of its own: a page of any size is one statement, never one per item."""
-    names = select(json_array(Tag.name)).select_from(ItemTag).join(Tag).where(ItemTag.item_id == item_id)
+    names = select(aggregate_array(Tag.name)).select_from(ItemTag).join(Tag).where(ItemTag.item_id == item_id)
     return names.scalar_subquery().label("tags")
 
 
