@@ -166,7 +166,7 @@ MUTATIONS = [
         "No lost update: the version is decided under a row lock and in the UPDATE's WHERE, not by a read before",
         "items/item.py",
         (
-            ('"with_for_update": {"of": Item}}', "}"),
+            ('.where(Item.id == bindparam("item_id")).with_for_update(of=Item)', '.where(Item.id == bindparam("item_id"))'),
             ('return {"version_id_col": cls.__table__.c.version}', "return {}"),
         ),
         ("tests/test_item_races.py::test_twenty_puts_with_the_same_if_match_give_exactly_one_200_and_nineteen_412",),
@@ -176,7 +176,7 @@ MUTATIONS = [
         "row-lock",
         "Unconditional writes racing each other all apply (last writer wins), none fails because of another",
         "items/item.py",
-        (('"with_for_update": {"of": Item}}', "}"),),
+        (('.where(Item.id == bindparam("item_id")).with_for_update(of=Item)', '.where(Item.id == bindparam("item_id"))'),),
         ("tests/test_item_races.py::test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every_one",),
         postgresql=True,
     ),
