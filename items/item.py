@@ -159,27 +159,28 @@ def tag_names(item_id: Any) -> Any:
 TAG = bindparam("tag")
 COUNT_ALL = select(cast(func.sum(ItemCount.items), BigInteger))
 COUNT_TAGGED = select(func.count()).select_from(ItemTag).join(Tag).where(Tag.name == TAG)
+HAS_TAG = Item.id.in_(select(ItemTag.item_id).join(Tag).where(Tag.name == TAG))  # type: ignore[union-attr]
 ONE_ITEM = select(Item.__table__, tag_names(Item.id)).where(Item.id == bindparam("item_id"))
 
 
-def count_items(tag: str | None) -> Select[Any]:
-    """The total for X-Total-Count: a few counter rows read, whatever the table's size; with a tag, its links
-    counted (an index range, as long as the tag's list). Bind `tag`."""
-    return COUNT_ALL if tag is None else COUNT_TAGGED
+def count_items(by_tag: bool) -> Select[Any]:
+    """The total for X-Total-Count: a few counter rows read, whatever the table's size; by tag (bind `tag`), its
+    links counted (an index range, as long as the tag's list)."""
+    return COUNT_TAGGED if by_tag else COUNT_ALL
 
 
 @cache
 def page_statement(by_tag: bool, by_cursor: bool) -> Select[Any]:
     page = select(Item.__table__)
     if by_tag:
-        page = page.where(Item.id.in_(select(ItemTag.item_id).join(Tag).where(Tag.name == TAG)))  # type: ignore[union-attr]
+        page = page.where(HAS_TAG)
     if by_cursor:
         page = page.where(Item.id > bindparam("after"))  # type: ignore[operator]
     skip, limit = bindparam("skip", type_=BigInteger), bindparam("limit", type_=Integer)
     rows = page.order_by(Item.id).offset(skip).limit(limit).subquery()
     # Tags and total for the page's rows only: in the same SELECT as the offset, they would be computed for
     # every row skipped too.
-    total = (COUNT_TAGGED if by_tag else COUNT_ALL).scalar_subquery().label("total")
+    total = count_items(by_tag).scalar_subquery().label("total")
     return select(rows, tag_names(rows.c.id), total).order_by(rows.c.id)
 
 
@@ -297,7 +298,7 @@ def list_items(
     statement, values = page_of_items(skip, limit, tag, after)
     rows = session.exec(statement, params=values).all()
     # A page past the end has no row to carry the count: only then is it a query of its own.
-    total = rows[0].total if rows else session.exec(count_items(tag), params=values).one()
+    total = rows[0].total if rows else session.exec(count_items(tag is not None), params=values).one()
     return one_page(rows, limit, "id", total, request, response)
 
 
@@ -380,7 +381,7 @@ async def list_items_async(
 ) -> Sequence[Row[Any]]:
     statement, values = page_of_items(skip, limit, tag, after)
     rows = (await session.exec(statement, params=values)).all()
-    total = rows[0].total if rows else (await session.exec(count_items(tag), params=values)).one()
+    total = rows[0].total if rows else (await session.exec(count_items(tag is not None), params=values)).one()
     return one_page(rows, limit, "id", total, request, response)
 
 

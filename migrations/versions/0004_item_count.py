@@ -8,10 +8,11 @@ Create Date: 2026-12-02 03:50:00
 
 Triggers count every insert and delete, whoever makes it (the app, a script, psql). On PostgreSQL the count
 is spread over 16 rows (slots) and the total is their sum: each connection adds to its own slot, so writers
-do not queue on one row's lock until they commit. SQLite writes one transaction at a time: one slot. On SQLite a table rebuilt
-by batch mode loses its triggers: a later migration that rebuilds `item` must create them again
-(tests/test_items.py::test_the_total_counts_every_insert_and_delete_whoever_makes_them fails
-if they are missing at head).
+do not queue on one row's lock until they commit. SQLite writes one transaction at a time: one slot.
+
+On SQLite a table rebuilt by batch mode loses its triggers: a later migration that rebuilds `item` must
+create them again (tests/test_items.py::test_the_total_counts_every_insert_and_delete_whoever_makes_them
+fails if they are missing at head).
 """
 
 from collections.abc import Sequence
@@ -28,14 +29,14 @@ SLOTS = 16
 POSTGRESQL = [
     # One UPDATE per statement, not per row: a bulk insert of a million rows adds a million at once. A
     # connection always uses the same slot, so a transaction never waits for two slots (no deadlock).
-    """CREATE FUNCTION item_count_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    f"""CREATE FUNCTION item_count_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         IF TG_OP = 'INSERT' THEN
             UPDATE item_count SET items = items + (SELECT count(*) FROM changed_rows)
-            WHERE slot = pg_backend_pid() % 16;
+            WHERE slot = pg_backend_pid() % {SLOTS};
         ELSIF TG_OP = 'DELETE' THEN
             UPDATE item_count SET items = items - (SELECT count(*) FROM changed_rows)
-            WHERE slot = pg_backend_pid() % 16;
+            WHERE slot = pg_backend_pid() % {SLOTS};
         ELSE
             UPDATE item_count SET items = 0;
         END IF;
