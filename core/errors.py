@@ -11,7 +11,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm.exc import StaleDataError
 
 from core.db import DATABASE_DOWN_ERRORS
 
@@ -93,9 +92,6 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
     if lost or isinstance(exc, DATABASE_DOWN_ERRORS):
         logger.warning("%s %s: database unavailable (%s)", request.method, request.url.path, type(exc).__name__)
         return error(503, DATABASE_UNAVAILABLE)
-    if isinstance(exc, StaleDataError):
-        # The UPDATE or DELETE found the row at another version than the one read: it changed in between.
-        return error(412, PRECONDITION_FAILED)
     if isinstance(exc, IntegrityError):
         return error(409, "The request conflicts with existing data")
     if isinstance(exc, DataError):

@@ -38,13 +38,17 @@ def listed(header: str) -> list[str]:
     return [tag.strip() for tag in header.split(",")]
 
 
+def changed_since_read() -> HTTPException:
+    return HTTPException(status_code=status.HTTP_412_PRECONDITION_FAILED, detail=PRECONDITION_FAILED)
+
+
 def require_match(if_match: str | None, version: int) -> None:
     """If-Match: proceed only if the version is one of those listed (a strong comparison: W/ tags never match)."""
     if if_match is None:
         return
     tags = listed(if_match)
     if "*" not in tags and etag(version) not in tags:
-        raise HTTPException(status_code=status.HTTP_412_PRECONDITION_FAILED, detail=PRECONDITION_FAILED)
+        raise changed_since_read()
 
 
 def not_modified(if_none_match: str | None, version: int) -> bool:

@@ -12,19 +12,28 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import AfterValidator
 from pydantic import Field as Rules
-from sqlalchemy import BigInteger, Integer, Row, UniqueConstraint, bindparam, cast
-from sqlalchemy.orm import declared_attr, joinedload, object_session
-from sqlmodel import Field, Relationship, SQLModel, func, select
+from sqlalchemy import BigInteger, Integer, Row, Table, UniqueConstraint, bindparam, cast, delete, insert, update
+from sqlmodel import Field, Relationship, Session, SQLModel, func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
 from core.db import AsyncSessionDep, BigId, SessionDep, UTCDateTime
 from core.errors import BAD_BODY, UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
-from core.etags import CHANGED_SINCE, NOT_MODIFIED, IfMatch, IfNoneMatch, etag, not_modified, require_match
+from core.etags import (
+    CHANGED_SINCE,
+    NOT_MODIFIED,
+    IfMatch,
+    IfNoneMatch,
+    changed_since_read,
+    etag,
+    not_modified,
+    require_match,
+)
 from core.paging import BIGINT_MAX, LIST_HEADERS, Id, PageLimit, PageSkip, one_page
 from core.routing import twins
 from core.rules import NO_NUL
 from core.sql import aggregate_array
-from tags.tag import ItemTag, Tag, TagNames, get_or_create, get_or_create_async
+from tags.tag import ItemTag, Tag, TagNames, create_tags, create_tags_async, link_tags, link_tags_async
 
 # The rules for each client field, declared once for the bodies of POST and PUT (ItemIn) and PATCH (ItemUpdate).
 Title = Annotated[
@@ -108,12 +117,6 @@ class Item(ItemBase, table=True):
         link_model=ItemTag, sa_relationship_kwargs={"lazy": "raise", "passive_deletes": True}
     )
 
-    @declared_attr.directive
-    def __mapper_args__(cls) -> dict[str, Any]:
-        """Every UPDATE and DELETE says `WHERE id = ? AND version = <the version read>`, and counts version up:
-        a row changed by another request in between is not overwritten (StaleDataError, a 412)."""
-        return {"version_id_col": cls.__table__.c.version}  # type: ignore[attr-defined]
-
 
 class ItemCount(SQLModel, table=True):
     """How many items there are, kept exact by triggers in the database (migration 0004), so a list reads its
@@ -144,6 +147,8 @@ class ItemOut(ItemBase):
 
 # --- What both modes share: statements, checks and the mapping of errors to status codes ---
 
+item_table: Table = Item.__table__  # type: ignore[attr-defined]
+
 NOT_FOUND = "Item not found"
 TITLE_TAKEN = "An item with this title already exists"
 
@@ -160,7 +165,7 @@ TAG = bindparam("tag")
 COUNT_ALL = select(cast(func.sum(ItemCount.items), BigInteger))
 COUNT_TAGGED = select(func.count()).select_from(ItemTag).join(Tag).where(Tag.name == TAG)
 HAS_TAG = Item.id.in_(select(ItemTag.item_id).join(Tag).where(Tag.name == TAG))  # type: ignore[union-attr]
-ONE_ITEM = select(Item.__table__, tag_names(Item.id)).where(Item.id == bindparam("item_id"))
+ONE_ITEM = select(item_table, tag_names(Item.id)).where(Item.id == bindparam("item_id"))
 
 
 def count_items(by_tag: bool) -> Select[Any]:
@@ -171,7 +176,7 @@ def count_items(by_tag: bool) -> Select[Any]:
 
 @cache
 def page_statement(by_tag: bool, by_cursor: bool) -> Select[Any]:
-    page = select(Item.__table__)
+    page = select(item_table)
     if by_tag:
         page = page.where(HAS_TAG)
     if by_cursor:
@@ -196,11 +201,18 @@ def page_of_items(skip: int, limit: int, tag: str | None, after: int | None) -> 
     return page_statement(tag is not None, after is not None), values
 
 
-# A write reads the row with a lock (FOR UPDATE on PostgreSQL; SQLite writes one at a time), its tags in the
-# same query: two writers take turns, each applying its change whole to what the other left (last writer wins).
-ITEM_TO_WRITE = (
-    select(Item).options(joinedload(Item.tags)).where(Item.id == bindparam("item_id")).with_for_update(of=Item)
+# A write reads the row with a lock (FOR UPDATE on PostgreSQL; SQLite writes one at a time), with its tags:
+# two writers take turns, each applying its change whole to what the other left (last writer wins).
+ITEM_TO_WRITE = ONE_ITEM.with_for_update(of=item_table)
+# Writes are statements too, each returning the row as stored. UPDATE and DELETE name the version they
+# change: a row that moved on since it was read is left alone (no row comes back: a 412), whoever changed it.
+THE_VERSION_READ = (item_table.c.id == bindparam("item_id")) & (item_table.c.version == bindparam("read_version"))
+INSERT_ITEM = insert(item_table).returning(*item_table.c)
+# The fields an UPDATE sets come with its values (update_values): one statement for PUT and PATCH.
+UPDATE_ITEM = update(item_table).where(THE_VERSION_READ).values(version=item_table.c.version + 1).returning(
+    *item_table.c
 )
+DELETE_ITEM = delete(item_table).where(THE_VERSION_READ).returning(item_table.c.id)
 
 
 def found(item: Any) -> Any:
@@ -209,35 +221,52 @@ def found(item: Any) -> Any:
     return item
 
 
-def current(item: Item | None, if_match: str | None) -> Item:
+def current(item: Row[Any] | None, if_match: str | None) -> Row[Any]:
     """The item to change, if it exists (else 404) and is in the state the client saw (else 412)."""
     require_match(if_match, found(item).version)
     return item  # type: ignore[return-value]
 
 
-def new_item(item_in: ItemIn, tags: Sequence[Tag]) -> Item:
-    now = utc_now()  # one moment: a new item was last updated when it was created
-    item = Item.model_validate(item_in.model_dump(exclude={"tags"}) | {"created_at": now, "updated_at": now})
-    item.tags = list(tags)
-    return item
+def written(row: Row[Any] | None) -> Row[Any]:
+    """The row a write changed; none when its version moved after the read, which only another process that
+    no row lock kept out can do (SQLite): nothing was changed, a 412."""
+    if row is None:
+        raise changed_since_read()
+    return row
 
 
-def apply_changes(item: Item, fields: dict[str, Any], tags: Sequence[Tag] | None) -> bool:
-    """Set the fields (and the tags, if given); True if that changed anything. A write that changes nothing
-    writes nothing."""
-    item.sqlmodel_update(fields)
-    if tags is not None:
-        item.tags = list(tags)
-    if not object_session(item).is_modified(item):  # type: ignore[union-attr]
-        return False
-    item.updated_at = utc_now()
-    return True
+def new_item(item_in: ItemIn) -> dict[str, Any]:
+    """The row to insert: the client's fields, version 1, and one moment for both timestamps (a new item
+    was last updated when it was created)."""
+    now = utc_now()
+    return item_in.model_dump(exclude={"tags"}) | {"version": 1, "created_at": now, "updated_at": now}
 
 
-def out(item: Item, response: Response) -> ItemOut:
+def changes_to(item: Row[Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields (and tags) sent whose value differs from the item's: a write that changes nothing writes
+    nothing, and its version, updated_at and ETag stay."""
+    as_is = item._asdict() | {"tags": sorted(item.tags)}
+    return {name: value for name, value in fields.items() if value != as_is[name]}
+
+
+def the_version_read(item: Row[Any]) -> dict[str, Any]:
+    return {"item_id": item.id, "read_version": item.version}
+
+
+def update_values(item: Row[Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """What UPDATE_ITEM sets (the changed fields, a new updated_at), and the row and version it was read at."""
+    fields = {name: value for name, value in changes.items() if name != "tags"}
+    return fields | {"updated_at": utc_now()} | the_version_read(item)
+
+
+def with_tags(row: Row[Any], tags: list[str]) -> dict[str, Any]:
+    return row._asdict() | {"tags": tags}
+
+
+def out(item: dict[str, Any], response: Response) -> ItemOut:
     """The item as the client sees it, with its ETag."""
-    response.headers["ETag"] = etag(item.version)
-    return ItemOut(**item.model_dump(), tags=[tag.name for tag in item.tags])
+    response.headers["ETag"] = etag(item["version"])
+    return ItemOut(**item)
 
 
 def row_out(row: Row[Any], response: Response) -> Row[Any]:
@@ -270,16 +299,32 @@ After = Annotated[
 router = APIRouter(prefix="/items", tags=["items"], responses=UNAVAILABLE_RESPONSE)
 
 
+def write_changes(session: Session, item_id: int, fields: dict[str, Any], if_match: str | None) -> dict[str, Any]:
+    """Set these fields (and tags, if sent) on the item, read under its lock; the item as it now is. The
+    route commits."""
+    item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).first(), if_match)
+    changes = changes_to(item, fields)
+    if not changes:
+        return item._asdict()
+    if "tags" in changes:
+        create_tags(session, changes["tags"])
+        link_tags(session, item_id, changes["tags"], replace=True)
+    with unique_title():
+        row = written(session.exec(UPDATE_ITEM, params=update_values(item, changes)).first())
+    return with_tags(row, changes.get("tags", item.tags))
+
+
 @router.post("/", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=BAD_BODY | TITLE_CONFLICT)
 def create_item(item_in: ItemIn, session: SessionDep, response: Response) -> ItemOut:
     """Create an item with its tags (new tag names become tags); answers with its Location and ETag."""
     # One transaction: if the title is taken, the tags made for this item are rolled back with it.
-    item = new_item(item_in, get_or_create(session, item_in.tags))
-    session.add(item)
+    create_tags(session, item_in.tags)
     with unique_title():
-        session.commit()
+        item = session.exec(INSERT_ITEM, params=new_item(item_in)).one()
+    link_tags(session, item.id, item_in.tags)
+    session.commit()
     response.headers["Location"] = f"/items/{item.id}"
-    return out(item, response)
+    return out(with_tags(item, item_in.tags), response)
 
 
 # The route returns rows, so the response model is declared here rather than by the return type.
@@ -319,11 +364,8 @@ def replace_item(
     item_id: ItemId, item_in: ItemIn, session: SessionDep, response: Response, if_match: IfMatch = None
 ) -> ItemOut:
     """Replace the item's fields and tags (those left out become null and none); If-Match makes it conditional."""
-    item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).unique().first(), if_match)
-    tags = get_or_create(session, item_in.tags)
-    if apply_changes(item, item_in.model_dump(exclude={"tags"}), tags):
-        with unique_title():
-            session.commit()
+    item = write_changes(session, item_id, item_in.model_dump(), if_match)
+    session.commit()
     return out(item, response)
 
 
@@ -333,11 +375,8 @@ def update_item(
 ) -> ItemOut:
     """Change only the fields sent (`"description": null` clears it; `tags` replaces them); If-Match makes it
     conditional."""
-    item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).unique().first(), if_match)
-    tags = None if changes.tags is None else get_or_create(session, changes.tags)
-    if apply_changes(item, changes.model_dump(exclude_unset=True, exclude={"tags"}), tags):
-        with unique_title():
-            session.commit()
+    item = write_changes(session, item_id, changes.model_dump(exclude_unset=True), if_match)
+    session.commit()
     return out(item, response)
 
 
@@ -349,7 +388,8 @@ def update_item(
 )
 def delete_item(item_id: ItemId, session: SessionDep, if_match: IfMatch = None) -> None:
     """Delete the item with this id (its tags stay); If-Match makes it conditional."""
-    session.delete(current(session.get(Item, item_id, with_for_update=True), if_match))
+    item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).first(), if_match)
+    written(session.exec(DELETE_ITEM, params=the_version_read(item)).first())
     session.commit()
 
 
@@ -359,14 +399,30 @@ async_router = APIRouter()
 same_route_as = twins(router, async_router)
 
 
+async def write_changes_async(
+    session: AsyncSession, item_id: int, fields: dict[str, Any], if_match: str | None
+) -> dict[str, Any]:
+    item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).first(), if_match)
+    changes = changes_to(item, fields)
+    if not changes:
+        return item._asdict()
+    if "tags" in changes:
+        await create_tags_async(session, changes["tags"])
+        await link_tags_async(session, item_id, changes["tags"], replace=True)
+    with unique_title():
+        row = written((await session.exec(UPDATE_ITEM, params=update_values(item, changes))).first())
+    return with_tags(row, changes.get("tags", item.tags))
+
+
 @same_route_as(create_item)
 async def create_item_async(item_in: ItemIn, session: AsyncSessionDep, response: Response) -> ItemOut:
-    item = new_item(item_in, await get_or_create_async(session, item_in.tags))
-    session.add(item)
+    await create_tags_async(session, item_in.tags)
     with unique_title():
-        await session.commit()
+        item = (await session.exec(INSERT_ITEM, params=new_item(item_in))).one()
+    await link_tags_async(session, item.id, item_in.tags)
+    await session.commit()
     response.headers["Location"] = f"/items/{item.id}"
-    return out(item, response)
+    return out(with_tags(item, item_in.tags), response)
 
 
 @same_route_as(list_items)
@@ -399,11 +455,8 @@ async def read_item_async(
 async def replace_item_async(
     item_id: ItemId, item_in: ItemIn, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
 ) -> ItemOut:
-    item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).unique().first(), if_match)
-    tags = await get_or_create_async(session, item_in.tags)
-    if apply_changes(item, item_in.model_dump(exclude={"tags"}), tags):
-        with unique_title():
-            await session.commit()
+    item = await write_changes_async(session, item_id, item_in.model_dump(), if_match)
+    await session.commit()
     return out(item, response)
 
 
@@ -411,15 +464,13 @@ async def replace_item_async(
 async def update_item_async(
     item_id: ItemId, changes: ItemUpdate, session: AsyncSessionDep, response: Response, if_match: IfMatch = None
 ) -> ItemOut:
-    item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).unique().first(), if_match)
-    tags = None if changes.tags is None else await get_or_create_async(session, changes.tags)
-    if apply_changes(item, changes.model_dump(exclude_unset=True, exclude={"tags"}), tags):
-        with unique_title():
-            await session.commit()
+    item = await write_changes_async(session, item_id, changes.model_dump(exclude_unset=True), if_match)
+    await session.commit()
     return out(item, response)
 
 
 @same_route_as(delete_item)
 async def delete_item_async(item_id: ItemId, session: AsyncSessionDep, if_match: IfMatch = None) -> None:
-    await session.delete(current(await session.get(Item, item_id, with_for_update=True), if_match))
+    item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).first(), if_match)
+    written((await session.exec(DELETE_ITEM, params=the_version_read(item))).first())
     await session.commit()

@@ -5,12 +5,13 @@ Tags import no other feature; items use tags (items -> tags). The links point at
 """
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from pydantic import AfterValidator
 from pydantic import Field as Rules
-from sqlalchemy import Index, Row, UniqueConstraint, column, table, update
+from sqlalchemy import Index, Row, UniqueConstraint, bindparam, column, delete, table, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -120,34 +121,67 @@ def unique_name() -> Any:
     return duplicate_is_conflict(NAME_TAKEN, "uq_tag_name", "tag.name")
 
 
-# --- What items use: tags by name, created on first use ---
+# --- What items use: an item's tags by name, created on first use, written as statements ---
+
+NAMES = bindparam("names", expanding=True)
+tag_ids_named = select(Tag.id).where(Tag.name.in_(NAMES))  # type: ignore[attr-defined]
+# The item's links to any tag not in `names`: a PUT or PATCH that replaces the tags deletes them.
+UNLINK_OTHERS = delete(ItemTag).where(
+    ItemTag.item_id == bindparam("item_id"),  # type: ignore[arg-type]
+    ItemTag.tag_id.not_in(tag_ids_named),  # type: ignore[attr-defined]
+)
 
 
-def insert_missing(dialect_name: str, names: list[str]) -> Any:
+def dialect_insert(session: Session | AsyncSession) -> Any:
+    """INSERT with ON CONFLICT, which PostgreSQL and SQLite both have, each with its own construct."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+@cache
+def link_statement(insert: Any) -> Any:
+    tag_ids = select(bindparam("item_id", type_=BigId), Tag.id).where(Tag.name.in_(NAMES))  # type: ignore[attr-defined]
+    return insert(ItemTag.__table__).from_select(["item_id", "tag_id"], tag_ids).on_conflict_do_nothing()
+
+
+def insert_missing(session: Session | AsyncSession, names: list[str]) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING: twenty requests that bring the same new name at once all succeed,
     and the database keeps one row (the others wait for the first one's commit, then skip it)."""
-    insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
     # In name order, so two requests bringing the same names lock them in the same order (no deadlock).
-    return insert(Tag).values([{"name": name} for name in sorted(names)]).on_conflict_do_nothing()
+    return dialect_insert(session)(Tag).values([{"name": name} for name in sorted(names)]).on_conflict_do_nothing()
 
 
-def tags_named(names: list[str]) -> Any:
-    return select(Tag).where(Tag.name.in_(names))  # type: ignore[attr-defined]
+def link(session: Session | AsyncSession) -> Any:
+    """The links from the item to the tags named, skipping those it has: one statement for any number (built
+    once per database)."""
+    return link_statement(dialect_insert(session))
 
 
-def get_or_create(session: Session, names: list[str]) -> Sequence[Tag]:
-    """The Tag rows with these names, inserting those that do not exist yet (in the caller's transaction)."""
-    if not names:
-        return []
-    session.exec(insert_missing(session.get_bind().dialect.name, names))
-    return session.exec(tags_named(names)).all()
+def create_tags(session: Session, names: list[str]) -> None:
+    """Insert the names that are not tags yet, in the caller's transaction."""
+    if names:
+        session.exec(insert_missing(session, names))
 
 
-async def get_or_create_async(session: AsyncSession, names: list[str]) -> Sequence[Tag]:
-    if not names:
-        return []
-    await session.exec(insert_missing(session.get_bind().dialect.name, names))
-    return (await session.exec(tags_named(names))).all()
+def link_tags(session: Session, item_id: int, names: list[str], replace: bool = False) -> None:
+    """Link the item to the tags with these names (created before); `replace` unlinks its other tags."""
+    values = {"item_id": item_id, "names": names}
+    if replace:
+        session.exec(UNLINK_OTHERS, params=values)
+    if names:
+        session.exec(link(session), params=values)
+
+
+async def create_tags_async(session: AsyncSession, names: list[str]) -> None:
+    if names:
+        await session.exec(insert_missing(session, names))
+
+
+async def link_tags_async(session: AsyncSession, item_id: int, names: list[str], replace: bool = False) -> None:
+    values = {"item_id": item_id, "names": names}
+    if replace:
+        await session.exec(UNLINK_OTHERS, params=values)
+    if names:
+        await session.exec(link(session), params=values)
 
 
 # --- Sync mode: `def` routes run in a worker thread with a `Session` ---

@@ -166,17 +166,30 @@ MUTATIONS = [
         "No lost update: the version is decided under a row lock and in the UPDATE's WHERE, not by a read before",
         "items/item.py",
         (
-            ('.where(Item.id == bindparam("item_id")).with_for_update(of=Item)', '.where(Item.id == bindparam("item_id"))'),
-            ('return {"version_id_col": cls.__table__.c.version}', "return {}"),
+            ("ITEM_TO_WRITE = ONE_ITEM.with_for_update(of=item_table)", "ITEM_TO_WRITE = ONE_ITEM"),
+            (
+                '& (item_table.c.version == bindparam("read_version"))',
+                '& (bindparam("read_version") == bindparam("read_version"))',
+            ),
         ),
         ("tests/test_item_races.py::test_twenty_puts_with_the_same_if_match_give_exactly_one_200_and_nineteen_412",),
         postgresql=True,
     ),
     Mutation(
+        "version-in-the-write",
+        "A write whose row moved on after its read is a 412: the UPDATE and DELETE name the version read",
+        "items/item.py",
+        ((
+                '& (item_table.c.version == bindparam("read_version"))',
+                '& (bindparam("read_version") == bindparam("read_version"))',
+            ),),
+        ("tests/test_items.py::test_a_write_whose_row_moved_on_after_its_read_answers_412_and_changes_nothing",),
+    ),
+    Mutation(
         "row-lock",
         "Unconditional writes racing each other all apply (last writer wins), none fails because of another",
         "items/item.py",
-        (('.where(Item.id == bindparam("item_id")).with_for_update(of=Item)', '.where(Item.id == bindparam("item_id"))'),),
+        (("ITEM_TO_WRITE = ONE_ITEM.with_for_update(of=item_table)", "ITEM_TO_WRITE = ONE_ITEM"),),
         ("tests/test_item_races.py::test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every_one",),
         postgresql=True,
     ),
@@ -186,8 +199,8 @@ MUTATIONS = [
         "items/item.py",
         (
             (
-                "    if not object_session(item).is_modified(item):  # type: ignore[union-attr]\n        return False\n",
-                "",
+                "return {name: value for name, value in fields.items() if value != as_is[name]}",
+                "return dict(fields)",
             ),
         ),
         ("tests/test_items.py::test_a_write_that_changes_nothing_writes_nothing",),
@@ -213,8 +226,8 @@ MUTATIONS = [
         "items/item.py",
         (
             (
-                "    item = new_item(item_in, get_or_create(session, item_in.tags))\n",
-                "    item = new_item(item_in, get_or_create(session, item_in.tags))\n    session.commit()\n",
+                "    create_tags(session, item_in.tags)\n",
+                "    create_tags(session, item_in.tags)\n    session.commit()\n",
             ),
         ),
         ("tests/test_items.py::test_the_articles_case_a_taken_title_with_new_tags_leaves_none_of_those_tags",),

@@ -488,6 +488,32 @@ def test_a_write_with_a_stale_if_match_answers_412_and_changes_nothing(client: T
 
 
 @pytest.mark.parametrize("method", CHANGES)
+def test_a_write_whose_row_moved_on_after_its_read_answers_412_and_changes_nothing(api: App, method: str) -> None:
+    """The check lives in the statement that writes: another writer that gets in between the read and the
+    write (here on the request's own connection, just before its UPDATE or DELETE) makes the write a 412."""
+    item = create(api.client, "Mine")
+    verb = "DELETE FROM item" if method == "DELETE" else "UPDATE item SET"
+    sync_engine = api.engine.sync_engine if isinstance(api.engine, AsyncEngine) else api.engine
+    got_in_between = []
+
+    def write_in_between(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.startswith(verb) and not got_in_between:
+            got_in_between.append(statement)
+            connection.exec_driver_sql(f"UPDATE item SET version = version + 1 WHERE id = {item['id']:d}")
+
+    event.listen(sync_engine, "before_cursor_execute", write_in_between)
+    try:
+        response = api.client.request(method, f"/items/{item['id']}", json=CHANGES[method])
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", write_in_between)
+
+    assert got_in_between
+    assert response.status_code == 412
+    assert response.json() == {"detail": "The item has changed since you read it: read it again"}
+    assert api.client.get(f"/items/{item['id']}").json() == item
+
+
+@pytest.mark.parametrize("method", CHANGES)
 @pytest.mark.parametrize("if_match", ['"2"', "*", '"1", "2"', ' "9" ,"2" '], ids=["current", "star", "list", "spaces"])
 def test_a_write_whose_if_match_names_the_current_etag_or_star_proceeds(
     client: TestClient, method: str, if_match: str
