@@ -137,12 +137,6 @@ def dialect_insert(session: Session | AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-@cache
-def link_statement(insert: Any) -> Any:
-    tag_ids = select(bindparam("item_id", type_=BigId), Tag.id).where(Tag.name.in_(NAMES))  # type: ignore[attr-defined]
-    return insert(ItemTag.__table__).from_select(["item_id", "tag_id"], tag_ids).on_conflict_do_nothing()
-
-
 def insert_missing(session: Session | AsyncSession, names: list[str]) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING: twenty requests that bring the same new name at once all succeed,
     and the database keeps one row (the others wait for the first one's commit, then skip it)."""
@@ -150,10 +144,12 @@ def insert_missing(session: Session | AsyncSession, names: list[str]) -> Any:
     return dialect_insert(session)(Tag).values([{"name": name} for name in sorted(names)]).on_conflict_do_nothing()
 
 
-def link(session: Session | AsyncSession) -> Any:
-    """The links from the item to the tags named, skipping those it has: one statement for any number (built
-    once per database)."""
-    return link_statement(dialect_insert(session))
+@cache
+def link(insert: Any) -> Any:
+    """INSERT ... SELECT: the item's links to the tags named, skipping those it has, in one statement for any
+    number of tags (built once per database)."""
+    tag_ids = select(bindparam("item_id", type_=BigId), Tag.id).where(Tag.name.in_(NAMES))  # type: ignore[attr-defined]
+    return insert(ItemTag.__table__).from_select(["item_id", "tag_id"], tag_ids).on_conflict_do_nothing()
 
 
 def create_tags(session: Session, names: list[str]) -> None:
@@ -168,7 +164,7 @@ def link_tags(session: Session, item_id: int, names: list[str], replace: bool = 
     if replace:
         session.exec(UNLINK_OTHERS, params=values)
     if names:
-        session.exec(link(session), params=values)
+        session.exec(link(dialect_insert(session)), params=values)
 
 
 async def create_tags_async(session: AsyncSession, names: list[str]) -> None:
@@ -181,7 +177,7 @@ async def link_tags_async(session: AsyncSession, item_id: int, names: list[str],
     if replace:
         await session.exec(UNLINK_OTHERS, params=values)
     if names:
-        await session.exec(link(session), params=values)
+        await session.exec(link(dialect_insert(session)), params=values)
 
 
 # --- Sync mode: `def` routes run in a worker thread with a `Session` ---

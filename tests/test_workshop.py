@@ -228,15 +228,15 @@ def test_the_workshop_quotes_the_code_it_explains() -> None:
     text = "\n".join(code for _, code in quotes)
     twins = ("def create_item(", "async def create_item_async(", "def get_session(", "async def get_async_session(")
     for name in twins:
-        assert name in text, f"steps 2 and 9 quote {name}"
-    # Step 6: the tests swap the engine, and the app's own start-up migrates their database.
+        assert name in text, f"steps 2 and 10 quote {name}"
+    # Step 7: the tests swap the engine, and the app's own start-up migrates their database.
     assert 'patch.setattr(db, "engine", engine)' in text
     assert "prepare_database(db.engine" in text
     assert "dependency_overrides" not in WORKSHOP.read_text()
 
 
 def test_the_workshop_changes_a_model_with_a_server_default_and_writes_its_migration() -> None:
-    """Step 8: a field added to items/item.py, with a server default for the rows that exist; then
+    """Step 9: a field added to items/item.py, with a server default for the rows that exist; then
     `alembic revision --autogenerate` and `alembic upgrade head`, run (and checked) by the doc run."""
     [change] = [block for block in read_blocks(WORKSHOP) if patched_file(block) == "items/item.py"]
     added = [line[1:] for line in change.lines if line.startswith("+") and not line.startswith("+++")]
@@ -295,7 +295,7 @@ def test_output_comparison_follows_the_convention(expected: list[str], actual: s
     assert same_output(expected, actual) is same
 
 
-# --- Step 7: the projects feature, added to main.py exactly as the workshop says, with its migration ---
+# --- Step 8: the projects feature, added to main.py exactly as the workshop says, with its migration ---
 
 
 def projects_diff() -> Block:
