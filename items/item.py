@@ -33,7 +33,7 @@ from core.paging import BIGINT_MAX, LIST_HEADERS, Id, PageLimit, PageSkip, one_p
 from core.routing import twins
 from core.rules import NO_NUL
 from core.sql import aggregate_array
-from tags.tag import ItemTag, Tag, TagNames, create_tags, create_tags_async, link_tags, link_tags_async
+from tags.tag import ItemTag, Tag, TagName, TagNames, link_tags, link_tags_async, lock_tags, lock_tags_async
 
 # The rules for each client field, declared once for the bodies of POST and PUT (ItemIn) and PATCH (ItemUpdate).
 Title = Annotated[
@@ -201,18 +201,21 @@ def page_of_items(skip: int, limit: int, tag: str | None, after: int | None) -> 
     return page_statement(tag is not None, after is not None), values
 
 
-# A write reads the row with a lock (FOR UPDATE on PostgreSQL; SQLite writes one at a time), with its tags:
-# two writers take turns, each applying its change whole to what the other left (last writer wins).
+# A write reads the row with a lock, with its tags: on PostgreSQL, FOR UPDATE makes two writers take turns,
+# each applying its change whole to what the other left (last writer wins); in one process on SQLite, only one
+# session at a time writes.
 ITEM_TO_WRITE = ONE_ITEM.with_for_update(of=item_table)
-# Writes are statements too, each returning the row as stored. UPDATE and DELETE name the version they
-# change: a row that moved on since it was read is left alone (no row comes back: a 412), whoever changed it.
-THE_VERSION_READ = (item_table.c.id == bindparam("item_id")) & (item_table.c.version == bindparam("read_version"))
+# Writes are statements too, each returning the row as stored; the fields an UPDATE sets come with its values
+# (update_values), so one statement serves PUT and PATCH.
+THIS_ITEM = item_table.c.id == bindparam("item_id")
 INSERT_ITEM = insert(item_table).returning(*item_table.c)
-# The fields an UPDATE sets come with its values (update_values): one statement for PUT and PATCH.
-UPDATE_ITEM = update(item_table).where(THE_VERSION_READ).values(version=item_table.c.version + 1).returning(
-    *item_table.c
-)
-DELETE_ITEM = delete(item_table).where(THE_VERSION_READ).returning(item_table.c.id)
+UPDATE_ITEM = update(item_table).where(THIS_ITEM).values(version=item_table.c.version + 1).returning(*item_table.c)
+DELETE_ITEM = delete(item_table).where(THIS_ITEM).returning(item_table.c.id)
+# With If-Match, the write also names the version read in its WHERE: a row that moved on since (another process
+# wrote it, where no lock kept it out) is left alone, no row comes back, and the answer is 412.
+AT_THE_VERSION_READ = item_table.c.version == bindparam("read_version")
+UPDATE_ITEM_IF_MATCH = UPDATE_ITEM.where(AT_THE_VERSION_READ)
+DELETE_ITEM_IF_MATCH = DELETE_ITEM.where(AT_THE_VERSION_READ)
 
 
 def found(item: Any) -> Any:
@@ -228,11 +231,27 @@ def current(item: Row[Any] | None, if_match: str | None) -> Row[Any]:
 
 
 def written(row: Row[Any] | None) -> Row[Any]:
-    """The row a write changed; none when its version moved after the read, which only another process that
-    no row lock kept out can do (SQLite): nothing was changed, a 412."""
+    """The row a write changed; none when the write named the version read and the row had moved on: nothing
+    was changed, a 412."""
     if row is None:
         raise changed_since_read()
     return row
+
+
+def the_row(item: Row[Any], if_match: str | None) -> dict[str, Any]:
+    """The values that pick the row to write: its id, and with If-Match the version read."""
+    return {"item_id": item.id} if if_match is None else {"item_id": item.id, "read_version": item.version}
+
+
+def update_of(item: Row[Any], changes: dict[str, Any], if_match: str | None) -> tuple[Any, dict[str, Any]]:
+    """The UPDATE for these changes and its values: the changed fields, a new updated_at, the row to write."""
+    fields = {name: value for name, value in changes.items() if name != "tags"}
+    values = fields | {"updated_at": utc_now()} | the_row(item, if_match)
+    return (UPDATE_ITEM if if_match is None else UPDATE_ITEM_IF_MATCH), values
+
+
+def delete_of(item: Row[Any], if_match: str | None) -> tuple[Any, dict[str, Any]]:
+    return (DELETE_ITEM if if_match is None else DELETE_ITEM_IF_MATCH), the_row(item, if_match)
 
 
 def new_item(item_in: ItemIn) -> dict[str, Any]:
@@ -247,16 +266,6 @@ def changes_to(item: Row[Any], fields: dict[str, Any]) -> dict[str, Any]:
     nothing, and its version, updated_at and ETag stay."""
     as_is = item._asdict() | {"tags": sorted(item.tags)}
     return {name: value for name, value in fields.items() if value != as_is[name]}
-
-
-def the_version_read(item: Row[Any]) -> dict[str, Any]:
-    return {"item_id": item.id, "read_version": item.version}
-
-
-def update_values(item: Row[Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """What UPDATE_ITEM sets (the changed fields, a new updated_at), and the row and version it was read at."""
-    fields = {name: value for name, value in changes.items() if name != "tags"}
-    return fields | {"updated_at": utc_now()} | the_version_read(item)
 
 
 def with_tags(row: Row[Any], tags: list[str]) -> dict[str, Any]:
@@ -283,7 +292,7 @@ ITEM_NOT_FOUND = {404: error_response("No item has this id.", NOT_FOUND)}
 TITLE_CONFLICT = {409: error_response("Another item already has this title.", TITLE_TAKEN)}
 WRITE_ERRORS = BAD_BODY | ITEM_NOT_FOUND | TITLE_CONFLICT | CHANGED_SINCE
 ItemId = Annotated[Id, Rules(description="The item's id.")]
-TagFilter = Annotated[str | None, Query(description="Only the items that have this tag.")]
+TagFilter = Annotated[TagName | None, Query(description="Only the items that have this tag.")]
 After = Annotated[
     int | None,
     Query(
@@ -302,15 +311,16 @@ router = APIRouter(prefix="/items", tags=["items"], responses=UNAVAILABLE_RESPON
 def write_changes(session: Session, item_id: int, fields: dict[str, Any], if_match: str | None) -> dict[str, Any]:
     """Set these fields (and tags, if sent) on the item, read under its lock; the item as it now is. The
     route commits."""
+    tag_ids = lock_tags(session, fields["tags"]) if "tags" in fields else []  # the tags before the item
     item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).first(), if_match)
     changes = changes_to(item, fields)
     if not changes:
         return item._asdict()
     if "tags" in changes:
-        create_tags(session, changes["tags"])
-        link_tags(session, item_id, changes["tags"], replace=True)
+        link_tags(session, item_id, tag_ids, replace=True)
+    statement, values = update_of(item, changes, if_match)
     with unique_title():
-        row = written(session.exec(UPDATE_ITEM, params=update_values(item, changes)).first())
+        row = written(session.exec(statement, params=values).first())
     return with_tags(row, changes.get("tags", item.tags))
 
 
@@ -318,10 +328,10 @@ def write_changes(session: Session, item_id: int, fields: dict[str, Any], if_mat
 def create_item(item_in: ItemIn, session: SessionDep, response: Response) -> ItemOut:
     """Create an item with its tags (new tag names become tags); answers with its Location and ETag."""
     # One transaction: if the title is taken, the tags made for this item are rolled back with it.
-    create_tags(session, item_in.tags)
+    tag_ids = lock_tags(session, item_in.tags)
     with unique_title():
         item = session.exec(INSERT_ITEM, params=new_item(item_in)).one()
-    link_tags(session, item.id, item_in.tags)
+    link_tags(session, item.id, tag_ids)
     session.commit()
     response.headers["Location"] = f"/items/{item.id}"
     return out(with_tags(item, item_in.tags), response)
@@ -389,7 +399,8 @@ def update_item(
 def delete_item(item_id: ItemId, session: SessionDep, if_match: IfMatch = None) -> None:
     """Delete the item with this id (its tags stay); If-Match makes it conditional."""
     item = current(session.exec(ITEM_TO_WRITE, params={"item_id": item_id}).first(), if_match)
-    written(session.exec(DELETE_ITEM, params=the_version_read(item)).first())
+    statement, values = delete_of(item, if_match)
+    written(session.exec(statement, params=values).first())
     session.commit()
 
 
@@ -402,24 +413,25 @@ same_route_as = twins(router, async_router)
 async def write_changes_async(
     session: AsyncSession, item_id: int, fields: dict[str, Any], if_match: str | None
 ) -> dict[str, Any]:
+    tag_ids = await lock_tags_async(session, fields["tags"]) if "tags" in fields else []
     item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).first(), if_match)
     changes = changes_to(item, fields)
     if not changes:
         return item._asdict()
     if "tags" in changes:
-        await create_tags_async(session, changes["tags"])
-        await link_tags_async(session, item_id, changes["tags"], replace=True)
+        await link_tags_async(session, item_id, tag_ids, replace=True)
+    statement, values = update_of(item, changes, if_match)
     with unique_title():
-        row = written((await session.exec(UPDATE_ITEM, params=update_values(item, changes))).first())
+        row = written((await session.exec(statement, params=values)).first())
     return with_tags(row, changes.get("tags", item.tags))
 
 
 @same_route_as(create_item)
 async def create_item_async(item_in: ItemIn, session: AsyncSessionDep, response: Response) -> ItemOut:
-    await create_tags_async(session, item_in.tags)
+    tag_ids = await lock_tags_async(session, item_in.tags)
     with unique_title():
         item = (await session.exec(INSERT_ITEM, params=new_item(item_in))).one()
-    await link_tags_async(session, item.id, item_in.tags)
+    await link_tags_async(session, item.id, tag_ids)
     await session.commit()
     response.headers["Location"] = f"/items/{item.id}"
     return out(with_tags(item, item_in.tags), response)
@@ -472,5 +484,6 @@ async def update_item_async(
 @same_route_as(delete_item)
 async def delete_item_async(item_id: ItemId, session: AsyncSessionDep, if_match: IfMatch = None) -> None:
     item = current((await session.exec(ITEM_TO_WRITE, params={"item_id": item_id})).first(), if_match)
-    written((await session.exec(DELETE_ITEM, params=the_version_read(item))).first())
+    statement, values = delete_of(item, if_match)
+    written((await session.exec(statement, params=values)).first())
     await session.commit()

@@ -43,7 +43,9 @@ TagNames = Annotated[
     AfterValidator(distinct),
     Rules(description=f"Tag names; repeated ones count once, at most {MAX_TAGS}.", examples=[["home", "work"]]),
 ]
-After = Annotated[str | None, Query(description="Continue after the tag with this name (the Link header's cursor).")]
+After = Annotated[
+    TagName | None, Query(description="Continue after the tag with this name (the Link header's cursor).")
+]
 NameInPath = Annotated[str, Path(min_length=1, max_length=50, pattern=NO_NUL, description="The tag's name.")]
 
 
@@ -121,14 +123,16 @@ def unique_name() -> Any:
     return duplicate_is_conflict(NAME_TAKEN, "uq_tag_name", "tag.name")
 
 
-# --- What items use: an item's tags by name, created on first use, written as statements ---
+# --- What items use: tags by name, created on first use, locked until the item's write commits ---
 
-NAMES = bindparam("names", expanding=True)
-tag_ids_named = select(Tag.id).where(Tag.name.in_(NAMES))  # type: ignore[attr-defined]
-# The item's links to any tag not in `names`: a PUT or PATCH that replaces the tags deletes them.
+NAMES, TAG_IDS = bindparam("names", expanding=True), bindparam("tag_ids", expanding=True)
+# FOR KEY SHARE: a rename or a delete of these tags waits until the item's write commits, so a write never
+# links a tag that is gone. Writers that share a tag do not wait for each other.
+LOCKED_TAG_IDS = select(Tag.id).where(Tag.name.in_(NAMES)).with_for_update(key_share=True)  # type: ignore[attr-defined]
+# The item's links to its other tags: a PUT or PATCH that replaces the tags deletes them.
 UNLINK_OTHERS = delete(ItemTag).where(
     ItemTag.item_id == bindparam("item_id"),  # type: ignore[arg-type]
-    ItemTag.tag_id.not_in(tag_ids_named),  # type: ignore[attr-defined]
+    ItemTag.tag_id.not_in(TAG_IDS),  # type: ignore[attr-defined]
 )
 
 
@@ -146,37 +150,46 @@ def insert_missing(session: Session | AsyncSession, names: list[str]) -> Any:
 
 @cache
 def link(insert: Any) -> Any:
-    """INSERT ... SELECT: the item's links to the tags named, skipping those it has, in one statement for any
+    """INSERT ... SELECT: the item's links to these tags, skipping those it has, in one statement for any
     number of tags (built once per database)."""
-    tag_ids = select(bindparam("item_id", type_=BigId), Tag.id).where(Tag.name.in_(NAMES))  # type: ignore[attr-defined]
-    return insert(ItemTag.__table__).from_select(["item_id", "tag_id"], tag_ids).on_conflict_do_nothing()
+    tags = select(bindparam("item_id", type_=BigId), Tag.id).where(Tag.id.in_(TAG_IDS))  # type: ignore[union-attr]
+    return insert(ItemTag.__table__).from_select(["item_id", "tag_id"], tags).on_conflict_do_nothing()
 
 
-def create_tags(session: Session, names: list[str]) -> None:
-    """Insert the names that are not tags yet, in the caller's transaction."""
-    if names:
+# An item's write locks its tags before its own row, and a rename or delete of a tag locks the tag before
+# its items: one order for everyone, so two such writes never wait for each other in a circle (a deadlock).
+def lock_tags(session: Session, names: list[str]) -> Sequence[int]:
+    """The ids of the tags with these names, inserting the new ones; locked until the commit."""
+    ids: Sequence[int] = []
+    # A tag deleted between the insert and the select is missing from it: the next round inserts it again.
+    while len(ids) < len(names):
         session.exec(insert_missing(session, names))
+        ids = session.exec(LOCKED_TAG_IDS, params={"names": names}).all()
+    return ids
 
 
-def link_tags(session: Session, item_id: int, names: list[str], replace: bool = False) -> None:
-    """Link the item to the tags with these names (created before); `replace` unlinks its other tags."""
-    values = {"item_id": item_id, "names": names}
+def link_tags(session: Session, item_id: int, tag_ids: Sequence[int], replace: bool = False) -> None:
+    """Link the item to these tags; `replace` unlinks its other tags."""
+    values = {"item_id": item_id, "tag_ids": list(tag_ids)}
     if replace:
         session.exec(UNLINK_OTHERS, params=values)
-    if names:
+    if tag_ids:
         session.exec(link(dialect_insert(session)), params=values)
 
 
-async def create_tags_async(session: AsyncSession, names: list[str]) -> None:
-    if names:
+async def lock_tags_async(session: AsyncSession, names: list[str]) -> Sequence[int]:
+    ids: Sequence[int] = []
+    while len(ids) < len(names):
         await session.exec(insert_missing(session, names))
+        ids = (await session.exec(LOCKED_TAG_IDS, params={"names": names})).all()
+    return ids
 
 
-async def link_tags_async(session: AsyncSession, item_id: int, names: list[str], replace: bool = False) -> None:
-    values = {"item_id": item_id, "names": names}
+async def link_tags_async(session: AsyncSession, item_id: int, tag_ids: Sequence[int], replace: bool = False) -> None:
+    values = {"item_id": item_id, "tag_ids": list(tag_ids)}
     if replace:
         await session.exec(UNLINK_OTHERS, params=values)
-    if names:
+    if tag_ids:
         await session.exec(link(dialect_insert(session)), params=values)
 
 

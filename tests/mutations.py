@@ -168,8 +168,8 @@ MUTATIONS = [
         (
             ("ITEM_TO_WRITE = ONE_ITEM.with_for_update(of=item_table)", "ITEM_TO_WRITE = ONE_ITEM"),
             (
-                '& (item_table.c.version == bindparam("read_version"))',
-                '& (bindparam("read_version") == bindparam("read_version"))',
+                'AT_THE_VERSION_READ = item_table.c.version == bindparam("read_version")',
+                'AT_THE_VERSION_READ = bindparam("read_version") == bindparam("read_version")',
             ),
         ),
         ("tests/test_item_races.py::test_twenty_puts_with_the_same_if_match_give_exactly_one_200_and_nineteen_412",),
@@ -177,20 +177,59 @@ MUTATIONS = [
     ),
     Mutation(
         "version-in-the-write",
-        "A write whose row moved on after its read is a 412: the UPDATE and DELETE name the version read",
+        "With If-Match, a write whose row moved on after its read is a 412: the UPDATE and DELETE name the version",
         "items/item.py",
-        ((
-                '& (item_table.c.version == bindparam("read_version"))',
-                '& (bindparam("read_version") == bindparam("read_version"))',
-            ),),
-        ("tests/test_items.py::test_a_write_whose_row_moved_on_after_its_read_answers_412_and_changes_nothing",),
+        (
+            (
+                'AT_THE_VERSION_READ = item_table.c.version == bindparam("read_version")',
+                'AT_THE_VERSION_READ = bindparam("read_version") == bindparam("read_version")',
+            ),
+        ),
+        (
+            "tests/test_items.py::"
+            "test_a_write_with_if_match_whose_row_moved_on_after_its_read_answers_412_and_changes_nothing",
+        ),
+    ),
+    Mutation(
+        "unconditional-write",
+        "Without If-Match, a write applies to the latest version (last writer wins), even if the row moved on",
+        "items/item.py",
+        (
+            (
+                "return (UPDATE_ITEM if if_match is None else UPDATE_ITEM_IF_MATCH), values",
+                "return UPDATE_ITEM_IF_MATCH, values | {\"read_version\": item.version}",
+            ),
+        ),
+        ("tests/test_items.py::test_a_write_without_if_match_whose_row_moved_on_after_its_read_still_applies",),
+    ),
+    Mutation(
+        "tags-before-item",
+        "An item's write locks its tags before its row, as a tag's rename does: no deadlock between them",
+        "items/item.py",
+        (
+            (
+                "    tag_ids = lock_tags(session, fields[\"tags\"]) if \"tags\" in fields else []  # the tags before the item\n"
+                "    item = current(session.exec(ITEM_TO_WRITE, params={\"item_id\": item_id}).first(), if_match)\n",
+                "    item = current(session.exec(ITEM_TO_WRITE, params={\"item_id\": item_id}).first(), if_match)\n"
+                "    tag_ids = lock_tags(session, fields[\"tags\"]) if \"tags\" in fields else []\n",
+            ),
+            (
+                "    tag_ids = await lock_tags_async(session, fields[\"tags\"]) if \"tags\" in fields else []\n"
+                "    item = current((await session.exec(ITEM_TO_WRITE, params={\"item_id\": item_id})).first(), if_match)\n",
+                "    item = current((await session.exec(ITEM_TO_WRITE, params={\"item_id\": item_id})).first(), if_match)\n"
+                "    tag_ids = await lock_tags_async(session, fields[\"tags\"]) if \"tags\" in fields else []\n",
+            ),
+        ),
+        ("tests/test_item_races.py::test_an_item_write_waits_for_a_rename_of_its_tag_before_it_locks_the_item",),
+        postgresql=True,
     ),
     Mutation(
         "row-lock",
-        "Unconditional writes racing each other all apply (last writer wins), none fails because of another",
+        "Unconditional writes racing each other all apply whole (last writer wins), none fails because of another",
         "items/item.py",
         (("ITEM_TO_WRITE = ONE_ITEM.with_for_update(of=item_table)", "ITEM_TO_WRITE = ONE_ITEM"),),
-        ("tests/test_item_races.py::test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every_one",),
+        ("tests/test_item_races.py::test_concurrent_unconditional_puts_all_apply_whole_and_the_version_counts_every_one",),
+        runs=3,
         postgresql=True,
     ),
     Mutation(
@@ -226,8 +265,8 @@ MUTATIONS = [
         "items/item.py",
         (
             (
-                "    create_tags(session, item_in.tags)\n",
-                "    create_tags(session, item_in.tags)\n    session.commit()\n",
+                "    tag_ids = lock_tags(session, item_in.tags)\n",
+                "    tag_ids = lock_tags(session, item_in.tags)\n    session.commit()\n",
             ),
         ),
         ("tests/test_items.py::test_the_articles_case_a_taken_title_with_new_tags_leaves_none_of_those_tags",),

@@ -178,6 +178,19 @@ def test_nul_characters_are_rejected_with_422(client: TestClient, method: str, b
     assert client.get("/items/").json() == [item]
 
 
+@pytest.mark.parametrize(("path", "parameter"), [("/items/", "tag"), ("/tags/", "after")])
+def test_a_nul_character_in_a_query_parameter_is_a_422_on_every_database(
+    client: TestClient, path: str, parameter: str
+) -> None:
+    """PostgreSQL refuses NUL in text (psycopg: DataError; asyncpg: an error SQLAlchemy does not classify), SQLite
+    takes it: the rule is checked before any SQL, so every database answers the same."""
+    response = client.get(path, params={parameter: "nul\u0000"})
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["query", parameter]
+    assert_safe_error(response)
+
+
 # Valid JSON for Python's parser that no JSON response can echo back: lone surrogates, NaN and infinities.
 UNRENDERABLE = {
     "lone-surrogate-title": b'{"title": "a\\ud800b"}',

@@ -2,9 +2,12 @@
 
 On PostgreSQL the race is made certain, not likely: the test holds a lock on the item's row while every
 request reaches the database, then lets them all go at once. Without the app's own row lock and its
-`WHERE version = ...`, each would read the same version and overwrite the others.
+`WHERE version = ...`, each would read the same version and overwrite the others. On SQLite one server lets one
+session at a time write, so these tests show the contract holds there, not that a lock is needed: the
+PostgreSQL runs are the ones the mutations in tests/mutations.py count on.
 """
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
+import pytest
 
-from tests.conftest import Database
+from tests.conftest import Database, new_database
 from tests.live import admin_connection, running_server, wait_for_backends
 
 SESSIONS = 5  # DB_POOL_SIZE: how many requests the app lets reach PostgreSQL at once
@@ -74,26 +78,32 @@ def test_twenty_puts_with_the_same_if_match_give_exactly_one_200_and_nineteen_41
     assert final.json() == winner and final.json()["version"] == 2
 
 
-def test_concurrent_unconditional_patches_all_apply_and_the_version_counts_every_one(
+def test_concurrent_unconditional_puts_all_apply_whole_and_the_version_counts_every_one(
     server_database: Database,
 ) -> None:
-    writers = 12
+    """Half the writers change the title, half the description, each sending a whole item. Each must apply to
+    what the previous one left: with a diff against a stale read, the final item would mix two writers'."""
+    writers = SESSIONS  # all of them reach the row together: without the row lock, all would read version 1
     with running_server(server_database.url) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         item = client.post("/items/", json={"title": "Busy"}).json()
         numbers = iter(range(writers))
 
-        def patch() -> httpx.Response:
-            return client.patch(f"/items/{item['id']}", json={"description": f"writer {next(numbers)}"})
+        def put() -> httpx.Response:
+            n = next(numbers)
+            body = {"title": "Busy", "description": f"writer {n}"} if n % 2 else {"title": f"Busy {n}"}
+            return client.put(f"/items/{item['id']}", json=body)
 
-        responses = send_at_once(server_database, item["id"], writers, patch)
+        responses = send_at_once(server_database, item["id"], writers, put)
         final = client.get(f"/items/{item['id']}").json()
 
     assert Counter(response.status_code for response in responses) == {200: writers}
     assert final["version"] == 1 + writers
     assert sorted(response.json()["version"] for response in responses) == list(range(2, 2 + writers))
-    # Last writer wins, whole: the stored description is the one written with the highest version.
-    last = max((response.json() for response in responses), key=lambda body: body["version"])
-    assert final["description"] == last["description"]
+    # Last writer wins, whole: the stored item is what the writer of the highest version sent, nothing else.
+    last = max(responses, key=lambda response: response.json()["version"])
+    sent = json.loads(last.request.content)
+    assert (final["title"], final["description"]) == (sent["title"], sent.get("description"))
+    assert final == last.json()
 
 
 def test_twenty_requests_that_bring_the_same_new_tag_at_once_all_succeed_and_share_one_tag(
@@ -129,3 +139,32 @@ def test_the_total_stays_exact_under_concurrent_creates_and_deletes(server_datab
 
     assert statuses == {201: 30, 204: 30}
     assert listed.headers["x-total-count"] == "30" and len(listed.json()) == 30
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_item_write_waits_for_a_rename_of_its_tag_before_it_locks_the_item(
+    mode: str, postgresql_required: None
+) -> None:
+    """A rename locks its tag, then the tag's items; an item's write locks its tags, then the item. Here the
+    test is the rename, half done: the write must wait on the tag without holding the item, or the rename's
+    UPDATE of the item and the write would wait for each other (a deadlock, which PostgreSQL ends by killing
+    one)."""
+    with new_database(mode, "postgresql") as database, running_server(database.url) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(max_workers=1) as pool:
+            item = client.post("/items/", json={"title": "Tagged", "tags": ["home"]}).json()
+            with admin_connection(database.url) as rename:
+                rename.autocommit = False
+                rename.execute("UPDATE tag SET name = 'house' WHERE name = 'home'")
+                body = {"description": "written after the rename", "tags": ["home"]}
+                write = pool.submit(client.patch, f"/items/{item['id']}", json=body)
+                waiting = wait_for_backends(database.url, lambda pids: len(pids) == 1, 20, wait_event_type="Lock")
+                assert len(waiting) == 1, "the write never waited for the tag"
+                rename.execute("SET lock_timeout = '5s'")
+                rename.execute("UPDATE item SET version = version + 1 WHERE id = %s", (item["id"],))
+                rename.commit()
+            written = write.result(timeout=60)
+            final = client.get(f"/items/{item['id']}").json()
+
+    assert written.status_code == 200, written.text
+    assert final == written.json()
+    assert final["tags"] == ["home"] and final["version"] == 3

@@ -1,9 +1,10 @@
 """The items HTTP contract, in every mode (sync and async, SQLite and PostgreSQL when configured).
 
-Races between concurrent requests run against a real server: tests/test_server.py.
+Races between concurrent requests run against a real server: tests/test_item_races.py and tests/test_server.py.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -487,30 +488,60 @@ def test_a_write_with_a_stale_if_match_answers_412_and_changes_nothing(client: T
     assert client.get(f"/items/{item['id']}").json() == changed
 
 
-@pytest.mark.parametrize("method", CHANGES)
-def test_a_write_whose_row_moved_on_after_its_read_answers_412_and_changes_nothing(api: App, method: str) -> None:
-    """The check lives in the statement that writes: another writer that gets in between the read and the
-    write (here on the request's own connection, just before its UPDATE or DELETE) makes the write a 412."""
-    item = create(api.client, "Mine")
-    verb = "DELETE FROM item" if method == "DELETE" else "UPDATE item SET"
+@contextmanager
+def another_write_just_before(api: App, verb: str, item_id: int) -> Iterator[list[str]]:
+    """Another writer gets in between a request's read and its write: just before the request's UPDATE or
+    DELETE (`verb`), the row's version moves on (here on the request's own connection, so on any database)."""
     sync_engine = api.engine.sync_engine if isinstance(api.engine, AsyncEngine) else api.engine
-    got_in_between = []
+    got_in_between: list[str] = []
 
     def write_in_between(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
         if statement.startswith(verb) and not got_in_between:
             got_in_between.append(statement)
-            connection.exec_driver_sql(f"UPDATE item SET version = version + 1 WHERE id = {item['id']:d}")
+            connection.exec_driver_sql(f"UPDATE item SET version = version + 1 WHERE id = {item_id:d}")
 
     event.listen(sync_engine, "before_cursor_execute", write_in_between)
     try:
-        response = api.client.request(method, f"/items/{item['id']}", json=CHANGES[method])
+        yield got_in_between
     finally:
         event.remove(sync_engine, "before_cursor_execute", write_in_between)
+
+
+VERBS = {"PUT": "UPDATE item SET", "PATCH": "UPDATE item SET", "DELETE": "DELETE FROM item"}
+
+
+@pytest.mark.parametrize("method", CHANGES)
+def test_a_write_with_if_match_whose_row_moved_on_after_its_read_answers_412_and_changes_nothing(
+    api: App, method: str
+) -> None:
+    """The version the client saw is checked by the statement that writes, not only by the read before it."""
+    item = create(api.client, "Mine")
+
+    with another_write_just_before(api, VERBS[method], item["id"]) as got_in_between:
+        response = api.client.request(method, f"/items/{item['id']}", json=CHANGES[method], headers={"If-Match": '"1"'})
 
     assert got_in_between
     assert response.status_code == 412
     assert response.json() == {"detail": "The item has changed since you read it: read it again"}
     assert api.client.get(f"/items/{item['id']}").json() == item
+
+
+@pytest.mark.parametrize("method", CHANGES)
+def test_a_write_without_if_match_whose_row_moved_on_after_its_read_still_applies(api: App, method: str) -> None:
+    """Without If-Match a write is unconditional: it applies to the latest version, and counts it."""
+    item = create(api.client, "Mine")
+
+    with another_write_just_before(api, VERBS[method], item["id"]) as got_in_between:
+        response = api.client.request(method, f"/items/{item['id']}", json=CHANGES[method])
+
+    assert got_in_between
+    if method == "DELETE":
+        assert response.status_code == 204
+        assert api.client.get(f"/items/{item['id']}").status_code == 404
+    else:
+        assert response.status_code == 200, response.text
+        assert response.json()["description"] == "lost" and response.json()["version"] == 3
+        assert api.client.get(f"/items/{item['id']}").json() == response.json()
 
 
 @pytest.mark.parametrize("method", CHANGES)
@@ -690,7 +721,7 @@ def test_a_page_of_100_items_with_their_tags_takes_as_many_statements_as_a_page_
     hundred = statements_for(api, lambda: api.client.get("/items/", params={"limit": 100}))
     filtered = statements_for(api, lambda: api.client.get("/items/", params={"tag": "shared"}))
 
-    assert one == hundred == filtered
+    assert one == hundred == filtered == 1
     assert len(api.client.get("/items/").json()[99]["tags"]) == 3
 
 
