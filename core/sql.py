@@ -3,7 +3,10 @@
 from typing import Any
 
 from sqlalchemy import JSON
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import GenericFunction
 
 
@@ -28,3 +31,8 @@ def aggregate_array_postgresql(element: aggregate_array, compiler: Any, **kw: An
 @compiles(aggregate_array, "sqlite")
 def aggregate_array_sqlite(element: aggregate_array, compiler: Any, **kw: Any) -> str:
     return f"json_group_array({compiler.process(element.clauses, **kw)})"
+
+
+def dialect_insert(session: Session | AsyncSession) -> Any:
+    """INSERT with ON CONFLICT, which PostgreSQL and SQLite both have, each with its own construct."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert

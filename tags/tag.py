@@ -5,6 +5,7 @@ Tags import no other feature; items use tags (items -> tags). The links point at
 """
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
 
@@ -12,16 +13,16 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, st
 from pydantic import AfterValidator
 from pydantic import Field as Rules
 from sqlalchemy import Index, Row, UniqueConstraint, bindparam, column, delete, table, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from core.db import AsyncSessionDep, BigId, SessionDep
+from core.db import AsyncSessionDep, BigId, SessionDep, UTCDateTime
 from core.errors import BAD_BODY, UNAVAILABLE_RESPONSE, duplicate_is_conflict, error_response
 from core.paging import LIST_HEADERS, PageLimit, PageSkip, one_page
 from core.routing import twins
 from core.rules import NO_NUL
+from core.sql import dialect_insert
 
 MAX_TAGS = 20
 TagName = Annotated[
@@ -90,8 +91,8 @@ NAME_CONFLICT = {409: error_response("Another tag already has this name.", NAME_
 items_with_the_tag = select(func.count()).where(ItemTag.tag_id == Tag.id).scalar_subquery()
 count_tags = select(func.count()).select_from(Tag)
 # The items a tag is on, known by table name only: a rename or a delete changes how they read, so their
-# versions (and ETags) move too.
-item_table = table("item", column("id"), column("version"))
+# versions (and ETags) and updated_at move too.
+item_table = table("item", column("id"), column("version"), column("updated_at", UTCDateTime))
 
 
 def page_of_tags(skip: int, limit: int, after: str | None) -> Select[Any]:
@@ -116,7 +117,8 @@ def found(row: Any) -> Any:
 
 def new_versions_for_items_tagged(tag_id: int) -> Any:
     tagged = select(ItemTag.item_id).where(ItemTag.tag_id == tag_id)
-    return update(item_table).where(item_table.c.id.in_(tagged)).values(version=item_table.c.version + 1)
+    changed = {"version": item_table.c.version + 1, "updated_at": datetime.now(UTC)}
+    return update(item_table).where(item_table.c.id.in_(tagged)).values(changed)
 
 
 def unique_name() -> Any:
@@ -134,11 +136,6 @@ UNLINK_OTHERS = delete(ItemTag).where(
     ItemTag.item_id == bindparam("item_id"),  # type: ignore[arg-type]
     ItemTag.tag_id.not_in(TAG_IDS),  # type: ignore[attr-defined]
 )
-
-
-def dialect_insert(session: Session | AsyncSession) -> Any:
-    """INSERT with ON CONFLICT, which PostgreSQL and SQLite both have, each with its own construct."""
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def insert_missing(session: Session | AsyncSession, names: list[str]) -> Any:
@@ -230,8 +227,10 @@ def rename_tag(name: NameInPath, renamed: TagBase, session: SessionDep) -> Row[A
     tag.name = renamed.name
     with unique_name():
         session.exec(new_versions_for_items_tagged(tag.id))  # flushes the new name first
-        session.commit()
-    return session.exec(tag_named(tag.name)).one()
+    # Read before the commit: after it, another rename could already have changed the name.
+    answer = session.exec(tag_named(tag.name)).one()
+    session.commit()
+    return answer
 
 
 @router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a tag", responses=TAG_NOT_FOUND)
@@ -274,8 +273,9 @@ async def rename_tag_async(name: NameInPath, renamed: TagBase, session: AsyncSes
     tag.name = renamed.name
     with unique_name():
         await session.exec(new_versions_for_items_tagged(tag.id))
-        await session.commit()
-    return (await session.exec(tag_named(tag.name))).one()
+    answer = (await session.exec(tag_named(tag.name))).one()
+    await session.commit()
+    return answer
 
 
 @same_route_as(delete_tag)

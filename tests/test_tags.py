@@ -4,6 +4,8 @@ How items take tags (POST, PUT, PATCH, ?tag=) is in tests/test_items.py; twenty 
 tag at once, in tests/test_item_races.py.
 """
 
+from datetime import datetime
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -54,6 +56,7 @@ def test_renaming_a_tag_shows_the_new_name_on_every_item_and_moves_their_etags(c
         after = client.get(f"/items/{before['id']}")
         assert "home" in after.json()["tags"] and "hom" not in after.json()["tags"]
         assert after.json()["version"] == before["version"] + 1, "a cached copy with the old name is stale"
+        assert datetime.fromisoformat(after.json()["updated_at"]) > datetime.fromisoformat(before["updated_at"])
     assert client.get(f"/items/{other['id']}").json() == other
     assert client.get("/tags/hom").status_code == 404
 
@@ -90,6 +93,7 @@ def test_deleting_a_tag_takes_it_off_every_item_and_the_items_stay(client: TestC
     assert (response.status_code, response.content) == (204, b"")
     after = client.get(f"/items/{item['id']}").json()
     assert after["tags"] == ["work"] and after["version"] == 2
+    assert datetime.fromisoformat(after["updated_at"]) > datetime.fromisoformat(item["updated_at"])
     assert client.get("/tags/home").status_code == 404
     assert client.get("/items/").headers["x-total-count"] == "1"
 
