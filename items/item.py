@@ -206,7 +206,7 @@ def page_of_items(skip: int, limit: int, tag: str | None, after: int | None) -> 
 # session at a time writes.
 ITEM_TO_WRITE = ONE_ITEM.with_for_update(of=item_table)
 # Writes are statements too, each returning the row as stored; the fields an UPDATE sets come with its values
-# (update_values), so one statement serves PUT and PATCH.
+# (update_of), so one statement serves PUT and PATCH.
 THIS_ITEM = item_table.c.id == bindparam("item_id")
 INSERT_ITEM = insert(item_table).returning(*item_table.c)
 UPDATE_ITEM = update(item_table).where(THIS_ITEM).values(version=item_table.c.version + 1).returning(*item_table.c)
