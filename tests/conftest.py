@@ -109,14 +109,19 @@ def postgresql_required() -> None:
         pytest.skip("set TEST_DATABASE_URL to a PostgreSQL database to run this test")
 
 
+def sync_engine_of(engine: Engine | AsyncEngine) -> Engine:
+    """The engine that events are listened on: an async engine's sync one, or the engine itself."""
+    return engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+
+
 class PoolWatch:
     """Counts connections checked out of an engine's pool and not yet returned."""
 
     def __init__(self, engine: Engine | AsyncEngine) -> None:
         self.checked_out = 0
-        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        event.listen(sync_engine.pool, "checkout", self.on_checkout)
-        event.listen(sync_engine.pool, "checkin", self.on_checkin)
+        pool = sync_engine_of(engine).pool
+        event.listen(pool, "checkout", self.on_checkout)
+        event.listen(pool, "checkin", self.on_checkin)
 
     def on_checkout(self, *_: object) -> None:
         self.checked_out += 1

@@ -17,7 +17,7 @@ from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from items.item import Item
-from tests.conftest import App, create
+from tests.conftest import App, create, sync_engine_of
 
 
 def parse_utc(value: str) -> datetime:
@@ -492,7 +492,7 @@ def test_a_write_with_a_stale_if_match_answers_412_and_changes_nothing(client: T
 def another_write_just_before(api: App, verb: str, item_id: int) -> Iterator[list[str]]:
     """Another writer gets in between a request's read and its write: just before the request's UPDATE or
     DELETE (`verb`), the row's version moves on (here on the request's own connection, so on any database)."""
-    sync_engine = api.engine.sync_engine if isinstance(api.engine, AsyncEngine) else api.engine
+    sync_engine = sync_engine_of(api.engine)
     got_in_between: list[str] = []
 
     def write_in_between(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
@@ -700,8 +700,7 @@ class StatementCount:
 
     def __init__(self, api: App) -> None:
         self.count = 0
-        engine = api.engine.sync_engine if api.database.is_async else api.engine
-        event.listen(engine, "before_cursor_execute", self.counted)
+        event.listen(sync_engine_of(api.engine), "before_cursor_execute", self.counted)
 
     def counted(self, *_: object) -> None:
         self.count += 1
